@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` (main job) and `make test` (the test suite).
+# Both create the virtual environment on first use; nothing else needs installing by hand.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,server]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q -m ""
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/veridical demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+.PHONY: install test test-all demo lint

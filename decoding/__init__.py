@@ -1,0 +1,1 @@
+"""Decoding: the batched engine, search strategies, branches and the mitigation methods."""

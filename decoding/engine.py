@@ -1,0 +1,463 @@
+"""The batched decoding engine.
+
+Contract: ``Engine.generate`` runs many requests, and every extra branch a method asks for, in ONE
+batched forward per step. A request's output never depends on what else is in the batch: rows are
+left-padded with attention masks and position ids (Qwen's multimodal rope included) computed the
+way ``model.generate`` computes them, each row has its own KV cache entry, sampling draws from a
+per-request ``torch.Generator``, and finished requests leave the batch. Greedy decoding equals
+``model.generate(do_sample=False)`` token for token and beam search equals transformers' beam
+search (same candidate selection, length penalty and early-stopping heuristic).
+
+Row layout: a *slot* is one sequence being decoded (a request, or one beam of a request). With
+``S`` live slots and ``nb`` branches (the real input first), cache row ``b * S + s`` holds branch
+``b`` of slot ``s``. Every branch of a slot is fed the token chosen for the slot.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from veridical.errors import InputError
+from veridical.images import load_image
+
+from .inputs import collate, encode
+from .method import Method, Request
+from .registry import resolve
+from .sampling import sample, warp
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    """What one request produced."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    image_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Validated search settings shared by the requests of one ``generate`` call."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> InputError:
+            return InputError(f"{name}={getattr(self, name)!r} is invalid; allowed: {allowed}")
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "an integer >= 1")
+        if not _is_number(self.temperature) or not self.temperature > 0:
+            raise bad("temperature", "a number > 0 (use do_sample=False for greedy decoding)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "0 < top_p <= 1")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "an integer >= 0 (0 disables top-k)")
+        if not _is_int(self.num_beams) or self.num_beams < 1:
+            raise bad("num_beams", "an integer >= 1")
+        if self.num_beams > 1 and self.do_sample:
+            raise InputError(
+                "beam sampling is not supported: use num_beams=1 with do_sample=True, "
+                "or do_sample=False with num_beams > 1"
+            )
+        if not _is_number(self.length_penalty):
+            raise bad("length_penalty", "a number")
+        if self.early_stopping not in (True, False, "never"):
+            raise bad("early_stopping", "True, False or 'never'")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "a non-empty string or a list of them")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+class _Rows:
+    """The cache rows of a batch with their attention mask and next position ids."""
+
+    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], cache_kw: str):
+        self.model = model
+        self.cache_kw = cache_kw
+        self.batch = batch
+        self.mask = batch["attention_mask"]  # (R, L)
+        self.positions = _prefill_positions(model, batch)  # (..., R, T): batch dim is -2
+        self.cache = None
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        out = self.model(
+            **self.batch, position_ids=self.positions, use_cache=True, logits_to_keep=1
+        )
+        self.batch = {}  # images are consumed; keep no reference
+        self.cache = getattr(out, "cache", None) or out.past_key_values
+        self.positions = self.positions[..., -1:]
+        return out.logits[:, -1, :].float()  # (R, V)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (R,) and return the next logits (R, V)."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=-1)
+        self.positions = self.positions + 1
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            use_cache=True,
+            **{self.cache_kw: self.cache},
+        )
+        return out.logits[:, -1, :].float()
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) rows: row i becomes old row ``index[i]``."""
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.positions = self.positions.index_select(-2, index)
+
+
+def _prefill_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # The model's own rule (multimodal rope for Qwen), exactly as generate() computes it.
+    kwargs = {k: v for k, v in batch.items() if k != "input_ids"}
+    prepare = getattr(model, "_prepare_position_ids_for_generation", None)
+    if prepare is not None:
+        return prepare(batch["input_ids"], kwargs)
+    mask = batch["attention_mask"].long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _row_index(slots: torch.Tensor, n_slots: int, n_branches: int) -> torch.Tensor:
+    """Cache rows of the given slots, branch-major (see the module docstring)."""
+    return torch.cat([b * n_slots + slots for b in range(n_branches)])
+
+
+class Engine:
+    """A model, its processor and its architecture adapter, with the batched ``generate``."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, adapter: Any, name: str = ""):
+        self.model = model.eval()
+        self.processor = processor
+        self.adapter = adapter
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        gen = getattr(model, "generation_config", None)
+        eos = [getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id]
+        self.eos_ids = sorted({i for e in eos if e is not None for i in _as_list(e)})
+        pad = getattr(gen, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.eos_ids[0] if self.eos_ids else 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # Public API ---------------------------------------------------------------------------------
+    def generate(
+        self,
+        images: Any,
+        prompts: str | Sequence[str],
+        method: str | Method = "none",
+        method_args: dict[str, Any] | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool | str = False,
+        seed: int | Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate for one request (``prompts`` a string) or a batch (a list of strings).
+
+        ``images`` is a PIL image, a path or None per request (a single value for one request).
+        ``seed`` is one integer for every request or one per request; with ``seed=None``
+        sampling is unseeded. Returns one :class:`GenerationResult` per request.
+        """
+        single = isinstance(prompts, str)
+        prompt_list = [prompts] if single else list(prompts)
+        if single:
+            image_list = [images]
+        elif images is None:
+            image_list = [None] * len(prompt_list)
+        elif isinstance(images, (list, tuple)):
+            image_list = list(images)
+        else:
+            raise InputError("prompts is a list, so images must be a list too (one per prompt)")
+        if len(image_list) != len(prompt_list):
+            raise InputError(
+                f"got {len(image_list)} images for {len(prompt_list)} prompts; give one image "
+                "(or None) per prompt"
+            )
+        if not prompt_list:
+            return []
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        config = DecodingConfig(
+            max_new_tokens, do_sample, temperature, top_p, top_k, num_beams, length_penalty,
+            early_stopping, stops,
+        )
+        requests = [self._request(img, p, i) for i, (img, p) in enumerate(zip(image_list, prompt_list))]
+        seeds = _request_seeds(seed, len(requests))
+        results = self.run(requests, resolve(method, method_args), config, seeds)
+        return results[0] if single else results
+
+    # Internals ----------------------------------------------------------------------------------
+    def _request(self, image: Any, prompt: Any, index: int) -> Request:
+        where = f"request {index}"
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{where}: the prompt is empty; give the user's question as text")
+        if image is not None:
+            if not self.adapter.multimodal:
+                raise InputError(
+                    f"{where}: model {self.name!r} is text-only and cannot take an image; "
+                    "pass image=None or load a vision-language model"
+                )
+            image = load_image(image)
+        return Request(image=image, prompt=prompt)
+
+    def run(
+        self,
+        requests: list[Request],
+        method: Method,
+        config: DecodingConfig,
+        seeds: list[int | None],
+    ) -> list[GenerationResult]:
+        """Decode validated requests with a built method."""
+        branches = method.branches()
+        rows: list[dict[str, torch.Tensor]] = [self._encode(r) for r in requests]
+        for branch in branches:
+            for request, seed in zip(requests, seeds):
+                rng = torch.Generator().manual_seed(seed if seed is not None else 0)
+                row = self._encode(branch.make(request, rng))
+                if branch.on_pixels is not None and "pixel_values" in row:
+                    row["pixel_values"] = branch.on_pixels(row["pixel_values"], rng)
+                rows.append(row)
+        prompt_tokens = [int(r["attention_mask"].sum()) for r in rows[: len(requests)]]
+        image_id = self.adapter.image_token_id(self.model.config)
+        image_tokens = [
+            int((r["input_ids"] == image_id).sum()) if image_id is not None else 0
+            for r in rows[: len(requests)]
+        ]
+        batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+        dtype = self.model.dtype
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in batch:
+                batch[key] = batch[key].to(dtype)
+        state = _Rows(self.model, batch, self._cache_kw)
+        search = _beam_search if config.num_beams > 1 else _sample_or_greedy
+        outputs = search(self, state, method, len(branches) + 1, config, seeds)
+        results = []
+        for (ids, reason), n_prompt, n_image in zip(outputs, prompt_tokens, image_tokens):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if config.stop:
+                text, reason = _cut_at_stop(text, config.stop, reason)
+            results.append(
+                GenerationResult(text.strip(), ids, reason, n_prompt, len(ids), n_image)
+            )
+        return results
+
+    def _encode(self, request: Request) -> dict[str, torch.Tensor]:
+        return encode(self.processor, request.image, request.prompt)
+
+    def _scores(self, method: Method, logits: torch.Tensor, n_slots: int, n_branches: int,
+                step: int) -> torch.Tensor:
+        """Next-token scores (S, V) of every slot from the logits of all rows (S * nb, V)."""
+        if n_branches == 1:
+            return method.combine(logits, {}, step)
+        names = [b.name for b in method.branches()]
+        blocks = logits.view(n_branches, n_slots, -1)
+        return method.combine(blocks[0], dict(zip(names, blocks[1:])), step)
+
+    def _finished(self, token_ids: list[int], config: DecodingConfig) -> str | None:
+        if token_ids and token_ids[-1] in self.eos_ids:
+            return "stop"
+        if config.stop:
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            if any(s in text for s in config.stop):
+                return "stop"
+        if len(token_ids) >= config.max_new_tokens:
+            return "length"
+        return None
+
+
+def _as_list(x: Any) -> list[int]:
+    return list(x) if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def _request_seeds(seed: int | Sequence[int] | None, n: int) -> list[int | None]:
+    if seed is None:
+        return [None] * n
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n or not all(_is_int(s) for s in seed):
+            raise InputError(f"seed must be one integer or {n} integers (one per request)")
+        return list(seed)
+    if not _is_int(seed):
+        raise InputError(f"seed={seed!r} must be an integer")
+    return [seed] * n
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...], reason: str) -> tuple[str, str]:
+    hits = [text.find(s) for s in stops if s in text]
+    return (text[: min(hits)], "stop") if hits else (text, reason)
+
+
+def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: int,
+                      config: DecodingConfig, seeds: list[int | None]) -> list[tuple[list[int], str]]:
+    n = len(seeds)
+    generators = [
+        torch.Generator().manual_seed(s if s is not None else secrets.randbits(63)) for s in seeds
+    ]
+    tokens_of: list[list[int]] = [[] for _ in range(n)]
+    reasons: list[str] = ["length"] * n
+    live = list(range(n))  # request of each slot
+    logits = state.prefill()
+    for step in range(config.max_new_tokens):
+        scores = engine._scores(method, logits, len(live), n_branches, step)
+        if config.do_sample:
+            warped = warp(scores, config.temperature, config.top_k, config.top_p)
+            chosen = sample(warped, [generators[r] for r in live])
+        else:
+            chosen = scores.argmax(dim=-1)
+        keep = []
+        for slot, (request, token) in enumerate(zip(live, chosen.tolist())):
+            tokens_of[request].append(token)
+            reason = engine._finished(tokens_of[request], config)
+            if reason is None:
+                keep.append(slot)
+            else:
+                reasons[request] = reason
+        if not keep:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=chosen.device)
+            state.select(_row_index(index, len(live), n_branches))
+            chosen = chosen[index]
+            live = [live[s] for s in keep]
+        logits = state.step(chosen.repeat(n_branches))
+    return list(zip(tokens_of, reasons))
+
+
+def _beam_search(engine: Engine, state: _Rows, method: Method, n_branches: int,
+                 config: DecodingConfig, seeds: list[int | None]) -> list[tuple[list[int], str]]:
+    """transformers' beam search, per request, with finished requests leaving the batch."""
+    n, nb = len(seeds), config.num_beams
+    lp, max_new = config.length_penalty, config.max_new_tokens
+    keep_k = max(2, 1 + len(engine.eos_ids)) * nb  # candidates kept per request and step
+    logits = state.prefill()  # (nb_branches * n, V): one row per request and branch
+    # Every beam of a request starts from the same prompt rows.
+    expand = torch.arange(n, device=logits.device).repeat_interleave(nb)
+    rows = _row_index(expand, n, n_branches)
+    state.select(rows)
+    logits = logits[rows]
+
+    live = list(range(n))
+    running = torch.zeros(n, nb, 0, dtype=torch.long)  # generated tokens of running beams
+    run_scores = torch.full((n, nb), -1e9)
+    run_scores[:, 0] = 0.0
+    done_seqs = [[[] for _ in range(nb)] for _ in range(n)]  # finished hypotheses per request
+    done_scores = torch.full((n, nb), -1e9)
+    done_flags = torch.zeros(n, nb, dtype=torch.bool)
+    improvable = torch.ones(n, dtype=torch.bool)
+    best: list[tuple[list[int], str]] = [([], "length")] * n
+    top_nb = torch.arange(keep_k) < nb
+    eos = torch.tensor(engine.eos_ids or [-1])
+
+    for step in range(max_new):
+        b = len(live)
+        scores = engine._scores(method, logits, b * nb, n_branches, step)
+        log_probs = torch.log_softmax(scores, dim=-1).cpu()  # (b * nb, V)
+        vocab = log_probs.shape[-1]
+        flat = (log_probs.view(b, nb, vocab) + run_scores[:, :, None]).view(b, nb * vocab)
+        cand_scores, cand_index = torch.topk(flat, keep_k, dim=-1)  # (b, K)
+        cand_beam, cand_token = cand_index // vocab, cand_index % vocab
+        cand_seqs = torch.cat(
+            [torch.gather(running, 1, cand_beam[:, :, None].expand(-1, -1, step)),
+             cand_token[:, :, None]], dim=-1,
+        )  # (b, K, step + 1)
+        hits = torch.isin(cand_token, eos)
+        if step + 1 >= max_new:
+            hits[:] = True
+        elif config.stop:
+            for i in range(b):
+                for k in range(keep_k):
+                    if engine._finished(cand_seqs[i, k].tolist(), config) is not None:
+                        hits[i, k] = True
+
+        # Running beams for the next step: the best candidates that did not finish.
+        run_cand = cand_scores + hits.float() * -1e9
+        next_idx = torch.topk(run_cand, nb, dim=-1).indices  # (b, nb)
+        running = torch.gather(cand_seqs, 1, next_idx[:, :, None].expand(-1, -1, step + 1))
+        run_scores = torch.gather(run_cand, 1, next_idx)
+        parent = torch.gather(cand_beam, 1, next_idx)  # (b, nb)
+
+        # Finished hypotheses: among the top nb candidates, scored with the length penalty.
+        just_done = hits & top_nb[None, :]
+        fin = cand_scores / ((step + 1) ** lp)
+        full = done_flags.all(-1, keepdim=True) & (config.early_stopping is True)
+        fin = fin + full.float() * -1e9 + (~improvable[:, None]).float() * -1e9
+        fin = fin + (~just_done).float() * -1e9
+        merged = torch.cat([done_scores, fin], dim=1)
+        order = torch.topk(merged, nb, dim=-1).indices
+        for i in range(b):
+            pool = done_seqs[i] + [cand_seqs[i, k].tolist() for k in range(keep_k)]
+            done_seqs[i] = [pool[j] for j in order[i].tolist()]
+        done_scores = torch.gather(merged, 1, order)
+        done_flags = torch.gather(torch.cat([done_flags, just_done], dim=1), 1, order)
+
+        # transformers' early-stop heuristic, then which requests are complete.
+        if config.early_stopping == "never" and lp > 0:
+            best_len = max_new
+        else:
+            best_len = step + 1
+        best_running = run_scores[:, 0] / (best_len**lp)
+        worst_done = torch.where(done_flags, done_scores.min(-1, keepdim=True).values, -1e9)
+        improvable = improvable & (best_running[:, None] > worst_done).any(-1)
+        complete = ~improvable | hits.all(-1)
+        if config.early_stopping is True:
+            complete |= done_flags.all(-1)
+
+        for i in range(b):
+            if complete[i]:
+                ids = done_seqs[i][0]
+                reason = "stop" if (ids and ids[-1] in engine.eos_ids) or (
+                    config.stop and engine._finished(ids, config) == "stop") else "length"
+                best[live[i]] = (ids, reason)
+        keep = (~complete).nonzero().flatten()
+        if keep.numel() == 0:
+            break
+        # Reorder (and drop) cache rows: beam j of request i continues from its parent beam.
+        parents = (keep[:, None] * nb + parent[keep]).flatten().to(logits.device)
+        state.select(_row_index(parents, b * nb, n_branches))
+        tokens = running[keep, :, -1].flatten().to(logits.device)
+        running, run_scores, improvable = running[keep], run_scores[keep], improvable[keep]
+        done_scores, done_flags = done_scores[keep], done_flags[keep]
+        done_seqs = [done_seqs[i] for i in keep.tolist()]
+        live = [live[i] for i in keep.tolist()]
+        logits = state.step(tokens.repeat(n_branches))
+    return best

@@ -1,0 +1,183 @@
+"""The method interface: every mitigation is a point on three independent axes.
+
+1. Branches: extra inputs that run beside the real one (a noised image, no image, a disturbed
+   instruction, ...). A :class:`Branch` turns a request into the branch's request; the engine runs
+   all branches of all requests in ONE batched forward per step, each with its own cache rows, and
+   feeds every branch the tokens chosen for its request.
+2. Attention edits: what changes inside attention (registered through transformers'
+   ``AttentionInterface``; see the attention family).
+3. Logits combination and search: :meth:`Method.combine` turns the real branch's logits and the
+   extra branches' logits into next-token scores; the search (greedy, sampling, beam, ...) picks.
+
+A method declares its parameters as :class:`Param` objects; ``Method(**args)`` validates every
+argument and raises ``ValueError`` naming the method, the parameter, the value and the allowed range.
+``combine`` must never modify its inputs in place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter: its default, type and allowed range (inclusive unless stated)."""
+
+    name: str
+    default: Any
+    doc: str = ""
+    type: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: the value must be strictly above `low`
+    choices: tuple | None = None
+
+    def range_text(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        parts = []
+        if self.low is not None:
+            parts.append(f"{self.name} {'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{self.name} <= {self.high:g}")
+        return " and ".join(parts) if parts else f"any {self.type.__name__}"
+
+    def validate(self, method: str, value: Any) -> Any:
+        """Coerce ``value`` to the parameter's type and check its range; return the clean value."""
+        where = f"method {method!r}: parameter {self.name!r}"
+        value = _coerce(value, self.type, where)
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{where} = {value!r} is not allowed; use {self.range_text()}")
+        if self.type in (int, float):
+            bad = isinstance(value, float) and not math.isfinite(value)
+            if self.low is not None:
+                bad |= value <= self.low if self.low_open else value < self.low
+            if self.high is not None:
+                bad |= value > self.high
+            if bad:
+                raise ValueError(
+                    f"{where} = {value!r} is out of range; allowed: {self.range_text()} "
+                    f"(default {self.default!r})"
+                )
+        return value
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "default": self.default,
+            "type": self.type.__name__,
+            "range": self.range_text(),
+            "doc": self.doc,
+        }
+
+
+def _coerce(value: Any, kind: type, where: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{where} = {value!r} is not a boolean; use true or false")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{where} = {value!r} must be a number, not a boolean")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} = {value!r} is not a number") from None
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError(f"{where} = {value!r} must be a whole number")
+            return int(number)
+        return number
+    if kind is str:
+        return str(value)
+    return value
+
+
+def did_you_mean(name: str, options: list[str]) -> str:
+    """' Did you mean X?' when ``name`` is close to one of ``options``, else ''."""
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass
+class Request:
+    """One decoding request as a branch sees it: an image (or None) and the user's text."""
+
+    image: Any  # PIL.Image.Image | None
+    prompt: str
+    # Free-form per-request settings a branch may add (e.g. a tensor transform for the pixels).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """An extra input that runs beside the real one.
+
+    ``make`` maps the real request to the branch's request (PIL image / prompt level, with a
+    per-request ``torch.Generator`` for random transforms). ``on_pixels`` optionally transforms the
+    processed pixel tensor (VCD distorts the *normalised* tensor). ``name`` must be unique within
+    a (possibly composed) method.
+    """
+
+    name: str
+    make: Callable[[Request, torch.Generator], Request] = lambda request, rng: request
+    on_pixels: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+
+
+class Method:
+    """Base class: the baseline behaviour on every axis. Subclasses override what they change."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    # Capabilities the engine uses to skip work it does not need.
+    is_argmax_invariant: ClassVar[bool] = True  # combine() never changes the argmax
+
+    def __init__(self, **args: Any) -> None:
+        known = {p.name: p for p in self.params}
+        for key in args:
+            if key not in known:
+                listing = ", ".join(known) if known else "none"
+                raise ValueError(
+                    f"method {self.name!r} has no parameter {key!r}.{did_you_mean(key, list(known))}"
+                    f" Its parameters: {listing}"
+                )
+        self.args: dict[str, Any] = {
+            p.name: p.validate(self.name, args[p.name]) if p.name in args else p.default
+            for p in self.params
+        }
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.args.items())
+        return f"{type(self).__name__}({inner})"
+
+    # Axis 1: branches -------------------------------------------------------------------------
+    def branches(self) -> list[Branch]:
+        return []
+
+    # Axis 3: logits combination ---------------------------------------------------------------
+    def combine(
+        self, logits: torch.Tensor, branch_logits: Mapping[str, torch.Tensor], step: int
+    ) -> torch.Tensor:
+        """Next-token scores from the real branch's ``logits`` (N, V) and each extra branch's
+        logits (N, V), at decode ``step`` (0 for the first generated token). Pure: never edits
+        its inputs in place."""
+        return logits
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {
+            "name": cls.name,
+            "description": cls.description,
+            "params": [p.describe() for p in cls.params],
+        }
