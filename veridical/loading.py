@@ -44,14 +44,16 @@ def load(ref: str, device: str | None = None, dtype: Any = None):
         raise InputError(f"model reference must be a non-empty string, got {ref!r}")
     torch_dtype = _dtype(dtype)
     if ref.startswith("tiny-random:"):
-        from .tiny import ARCHS, build_tiny
+        from .tiny import ARCHS, TEXT_ARCHS, build_tiny
 
         arch, _, seed = ref.removeprefix("tiny-random:").partition("@")
-        if arch not in ARCHS:
+        if arch not in ARCHS + TEXT_ARCHS:
             raise InputError(
                 f"unknown tiny architecture {arch!r} in {ref!r}; use one of: "
-                + ", ".join(f"tiny-random:{a}" for a in ARCHS)
+                + ", ".join(f"tiny-random:{a}" for a in ARCHS + TEXT_ARCHS)
             )
+        if not seed.isdigit() and seed:
+            raise InputError(f"seed {seed!r} in {ref!r} must be an integer, e.g. {arch}@1")
         model, processor = build_tiny(arch, seed=int(seed or 0))
         if torch_dtype is not None:
             model = model.to(torch_dtype)

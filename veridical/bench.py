@@ -1,0 +1,85 @@
+"""Benchmarks that print ratios measured side by side in one run (never timed tests).
+
+``bench_engine``: tokens per second of ``Engine.generate`` and of transformers'
+``model.generate`` on the same model, requests and batch sizes, greedy, alternating the two
+several times and keeping each one's best time, so that machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .decoding.inputs import collate, encode
+
+PROMPTS = (
+    "describe this image in detail .",
+    "what is in the image ?",
+    "is there a cup in the image ?",
+    "how many objects are there ?",
+)
+
+
+def bench_images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
+
+
+def _engine_tokens(engine, images, prompts, max_new_tokens: int) -> int:
+    results = engine.generate(images, prompts, max_new_tokens=max_new_tokens)
+    return sum(r.completion_tokens for r in results)
+
+
+def _hf_tokens(engine, images, prompts, max_new_tokens: int) -> int:
+    rows = [encode(engine.processor, i, p) for i, p in zip(images, prompts)]
+    batch = {k: v.to(engine.device) for k, v in collate(rows, engine.pad_id).items()}
+    with torch.inference_mode():
+        out = engine.model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
+    new = out[:, batch["input_ids"].shape[1] :]
+    # generated tokens up to and including EOS (the rest is padding)
+    is_eos = torch.isin(new, torch.tensor(engine.eos_ids or [-1], device=new.device))
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return int((~after_eos).sum())
+
+
+def time_alternating(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, tuple[float, int]]:
+    """Best wall time and token count of each function, run in turns after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    best = {name: (float("inf"), 0) for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            tokens = fn()
+            elapsed = time.perf_counter() - start
+            best[name] = (min(best[name][0], elapsed), tokens)
+    return best
+
+
+def bench_engine(engine, batch_sizes: list[int], max_new_tokens: int = 32,
+                 repeats: int = 3) -> list[dict]:
+    """One row per batch size: tokens/s of the engine and of HF generate, and their ratio."""
+    rows = []
+    for batch_size in batch_sizes:
+        images = bench_images(batch_size)
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
+        args = (engine, images, prompts, max_new_tokens)
+        timed = time_alternating(
+            {"engine": partial(_engine_tokens, *args), "hf": partial(_hf_tokens, *args)}, repeats
+        )
+        (t_ours, n_ours), (t_hf, n_hf) = timed["engine"], timed["hf"]
+        rows.append({
+            "batch_size": batch_size,
+            "engine_tokens_per_s": n_ours / t_ours,
+            "hf_tokens_per_s": n_hf / t_hf,
+            # engine time per token divided by HF's: below 1 means the engine is faster
+            "time_ratio": (t_ours / n_ours) / (t_hf / n_hf),
+            "engine_tokens": n_ours,
+            "hf_tokens": n_hf,
+        })
+    return rows

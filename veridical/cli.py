@@ -1,0 +1,199 @@
+"""The ``veridical`` command line.
+
+Subcommands: ``generate``, ``methods``, ``bench``, and those other modules add (``score``,
+``world``, ...). Errors the user can fix (a bad path, an unknown method, an out-of-range value)
+print one line ``error: ...`` and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import VeridicalError
+
+console = Console()
+
+
+def parse_sets(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``["alpha=1", "vcd.beta=0.2"]`` -> ``{"alpha": "1", "vcd.beta": "0.2"}`` (methods coerce)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise VeridicalError(f"--set {pair!r} must look like key=value (e.g. --set alpha=1)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers such as 1,8")
+    return values
+
+
+def add_decoding_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="none", help="mitigation, e.g. vcd or vhr+vcd")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets",
+                        help="method parameter (repeatable), e.g. --set alpha=1")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--do-sample", action="store_true")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "method": args.method,
+        "method_args": parse_sets(args.sets),
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.do_sample,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "num_beams": args.num_beams,
+        "seed": args.seed,
+    }
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import veridical
+
+    images = args.image or []
+    if len(args.prompt) > 1 and len(images) not in (0, len(args.prompt)):
+        raise VeridicalError(
+            f"got {len(images)} --image for {len(args.prompt)} --prompt; give one image per "
+            "prompt, or none"
+        )
+    if len(images) > 1 and len(args.prompt) != len(images):
+        raise VeridicalError(f"got {len(images)} --image for {len(args.prompt)} --prompt")
+    engine = veridical.load(args.model, device=args.device, dtype=args.dtype)
+    image_list = images if images else [None] * len(args.prompt)
+    results = engine.generate(image_list, args.prompt, stop=args.stop, **decoding_kwargs(args))
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        for r in results:
+            print(r.text)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import veridical
+
+    listing = veridical.methods()
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    table = Table(title="Mitigation methods (compose with '+', set parameters with --set)")
+    for col in ("method", "description", "parameters (default; range)"):
+        table.add_column(col)
+    for m in listing:
+        params = "\n".join(f"{p['name']} = {p['default']!r}; {p['range']}" for p in m["params"])
+        table.add_row(m["name"], m["description"], params or "-")
+    console.print(table)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    import veridical
+
+    from .bench import bench_engine
+
+    torch.manual_seed(0)
+    engine = veridical.load(args.model, device=args.device)
+    rows = bench_engine(engine, args.batch_size, args.max_new_tokens, args.repeats)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"engine vs transformers generate, {args.model}, greedy, "
+                        f"{args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}")
+    for col in ("batch", "engine tok/s", "HF tok/s", "time/token ratio (engine/HF)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch_size"]), f"{r['engine_tokens_per_s']:.1f}",
+                      f"{r['hf_tokens_per_s']:.1f}", f"{r['time_ratio']:.3f}")
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="veridical",
+        description="Hallucination mitigation for vision-language models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for image + prompt pairs")
+    gen.add_argument("--model", required=True, help="model folder, hub id, builtin:NAME or tiny-random:ARCH")
+    gen.add_argument("--image", action="append", help="image path (repeatable, one per prompt)")
+    gen.add_argument("--prompt", action="append", required=True, help="user text (repeatable)")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--device", default=None)
+    gen.add_argument("--dtype", default=None)
+    gen.add_argument("--json", action="store_true", help="print results as JSON")
+    add_decoding_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    meth = sub.add_parser("methods", help="list the mitigation methods and their parameters")
+    meth.add_argument("--json", action="store_true")
+    meth.set_defaults(func=cmd_methods)
+
+    bench = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    eng = bench_sub.add_parser("engine", help="engine vs transformers generate, tokens/s")
+    eng.add_argument("--model", default="tiny-random:llava")
+    eng.add_argument("--batch-size", type=_int_list, default=[1, 8])
+    eng.add_argument("--max-new-tokens", type=int, default=32)
+    eng.add_argument("--repeats", type=int, default=3)
+    eng.add_argument("--device", default=None)
+    eng.add_argument("--json", action="store_true")
+    eng.set_defaults(func=cmd_bench)
+
+    for module in _PLUGINS:
+        try:
+            add = __import__(module, fromlist=["add_subcommands"]).add_subcommands
+        except (ImportError, AttributeError):
+            continue
+        add(sub)
+    return parser
+
+
+# Modules that add their own subcommands through add_subcommands(subparsers).
+_PLUGINS = ("veridical.evals.score_cli", "veridical.evals.synthcoco")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (VeridicalError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
