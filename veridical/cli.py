@@ -133,6 +133,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.model)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="veridical",
@@ -166,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--device", default=None)
     eng.add_argument("--json", action="store_true")
     eng.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", help="the main job: every method on the built-in model")
+    demo.add_argument("--model", default=None, help="default: the built-in model")
+    demo.set_defaults(func=cmd_demo)
 
     for module in _PLUGINS:
         try:

@@ -1,0 +1,57 @@
+"""The command line: outputs, JSON, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from veridical.cli import main, parse_sets
+
+
+def test_generate_prints_text(tmp_path, images, capsys):
+    path = tmp_path / "a.png"
+    images[0].save(path)
+    code = main(["generate", "--model", "tiny-random:llava", "--image", str(path),
+                 "--prompt", "what is this ?", "--max-new-tokens", "4", "--json"])
+    assert code == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["completion_tokens"] == 4 and result["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--image", "/no/such.png", "--prompt", "x"], "does not exist"),
+        (["--prompt", "x", "--method", "vdc"], "unknown method 'vdc'"),
+        (["--prompt", "x", "--set", "alpha"], "must look like key=value"),
+        (["--prompt", "x", "--set", "alpha=1"], "has no parameter 'alpha'"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens=0 is invalid"),
+    ],
+)
+def test_errors_are_one_line(argv, message, capsys):
+    code = main(["generate", "--model", "tiny-random:llava", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_methods_json(capsys):
+    assert main(["methods", "--json"]) == 0
+    names = [m["name"] for m in json.loads(capsys.readouterr().out)]
+    assert "none" in names
+
+
+def test_bench_engine_reports_both_sides(capsys):
+    assert main(["bench", "engine", "--model", "tiny-random:llava", "--batch-size", "1,2",
+                 "--max-new-tokens", "3", "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["engine_tokens"] == r["hf_tokens"] == 3 * r["batch_size"]
+        assert r["time_ratio"] == pytest.approx(
+            r["hf_tokens_per_s"] / r["engine_tokens_per_s"], rel=1e-9)
+
+
+def test_parse_sets():
+    assert parse_sets(["a=1", "vcd.beta = 0.2"]) == {"a": "1", "vcd.beta": "0.2"}
