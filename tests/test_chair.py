@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from veridical.evals import chair
 
 from veridical.errors import InputError
+from veridical.evals import chair
 
 
 def cats(caption: str, singularizer: str = "pattern", **vocab_kw) -> list[str]:

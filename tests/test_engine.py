@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from veridical.decoding.inputs import encode
 
 from tests.conftest import tiny_engine
+from veridical.decoding.inputs import encode
 from veridical.tiny import ARCHS
 
 

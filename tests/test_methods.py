@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from veridical.decoding.method import Branch, Method, Param, Request
-from veridical.decoding.registry import Composite, register, resolve
 
 import veridical
 from tests.conftest import tiny_engine
+from veridical.decoding.method import Branch, Method, Param, Request
+from veridical.decoding.registry import Composite, register, resolve
 
 
 @register

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from veridical.evals import mme
 
 from veridical.errors import InputError
+from veridical.evals import mme
 
 
 @pytest.mark.parametrize(

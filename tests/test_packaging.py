@@ -45,3 +45,6 @@ def test_wheel_contains_every_subpackage(tmp_path):
         init = package.replace(".", "/") + "/__init__.py"
         assert init in names, f"{init} missing from the wheel"
     assert "veridical/decoding/engine.py" in names
+    assert "veridical/evals/chair_synonyms.txt" in names
+    for shipped in (ROOT / "veridical" / "builtin").glob("*/*"):
+        assert f"veridical/builtin/{shipped.parent.name}/{shipped.name}" in names

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from veridical.evals import pope
 
 from veridical.errors import InputError
+from veridical.evals import pope
 
 # --------------------------------------------------------------------------- parsers
 

@@ -9,6 +9,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
 from veridical.decoding.sampling import sample, warp
 
 

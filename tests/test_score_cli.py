@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from veridical.evals import score_cli
 
 from tests.test_chair import CAPTIONS, coco_dir
 from tests.test_mme import EXISTENCE
 from tests.test_pope import QUESTIONS
+from veridical.evals import score_cli
 
 
 def run(capsys, *argv):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from veridical.evals import synthcoco
 from veridical.evals.synthcoco import WorldConfig, build_world, generate_world
 from veridical.evals.synthcoco_render import GLYPHS, PALETTE, background, glyph_coverage, glyph_dims

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands through add_subcommands(subparsers).
-_PLUGINS = ("veridical.evals.score_cli", "veridical.evals.synthcoco")
+_PLUGINS = ("veridical.evals.score_cli", "veridical.evals.synthcoco", "veridical.evals.runner")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,166 @@
+"""The eval runner: outputs, resume after a crash, refusal of mixed runs, shards, compare."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from veridical.cli import main
+from veridical.errors import InputError
+from veridical.evals import pope
+from veridical.evals.synthcoco import WorldConfig, generate_world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("world")
+    generate_world(folder, WorldConfig(pope_images=6, mme_images_per_task=3), 0, {"test": 40})
+    return folder
+
+
+def run_eval(*argv: str) -> int:
+    return main(["eval", *argv])
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+def samples(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+
+
+POPE = ["pope", "--model", "tiny-random:llava", "--max-new-tokens", "3", "--batch-size", "5"]
+
+
+def test_pope_run_writes_samples_and_reference_scores(world, tmp_path):
+    out = tmp_path / "pope"
+    assert run_eval(*POPE, "--data", str(world), "--output", str(out)) == 0
+    got = samples(out)
+    assert len(got) == 3 * 36 and len({s["id"] for s in got}) == len(got)
+    res = results(out)
+    assert set(res["metrics"]) >= {"accuracy", "precision", "recall", "f1", "yes_ratio", "per_split"}
+    run = res["run"]
+    assert run["method"] == "none" and run["batch_size"] == 5 and run["decoding"]["max_new_tokens"] == 3
+    assert run["data"]["prompt_suffix"] == " Please answer this question with one word."
+    assert all(f["sha256"] for f in run["data"]["files"]) and run["versions"]["torch"]
+    # the runner's numbers equal the reference scorer run on the same answers
+    for split in ("random", "adversarial"):
+        answers = tmp_path / f"{split}.jsonl"
+        answers.write_text("".join(
+            json.dumps({"question_id": s["meta"]["question_id"], "text": s["output"]}) + "\n"
+            for s in got if s["meta"]["split"] == split))
+        ref = pope.score_files([world / "pope" / "test" / f"coco_pope_{split}.json"], [answers])
+        assert res["metrics"]["per_split"][split]["f1"] == ref["overall"]["f1"]
+        assert res["metrics"]["per_split"][split]["accuracy"] == ref["overall"]["accuracy"]
+
+
+def test_crash_then_rerun_resumes_to_the_same_results(world, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    args = [*POPE, "--data", str(world), "--split", "adversarial"]
+    assert run_eval(*args, "--output", str(full)) == 0
+
+    from veridical.decoding.engine import Engine
+
+    real, calls = Engine.generate, {"n": 0}
+
+    def crash_on_third_batch(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if the process were killed mid-run
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "generate", crash_on_third_batch)
+    part = tmp_path / "part"
+    assert run_eval(*args, "--output", str(part)) == 130
+    assert len(samples(part)) == 10 and not (part / "results.json").exists()
+    with open(part / "samples.jsonl", "a") as f:  # a line cut by the kill
+        f.write('{"id": "adversarial/99", "prom')
+    monkeypatch.setattr(Engine, "generate", real)
+    assert run_eval(*args, "--output", str(part)) == 0
+    assert [s["id"] for s in samples(part)] == [s["id"] for s in samples(full)]
+    assert results(part)["metrics"] == results(full)["metrics"]
+
+
+def test_rerun_with_other_settings_is_refused(world, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert run_eval(*POPE, "--data", str(world), "--limit", "5", "--output", str(out)) == 0
+    assert run_eval(*POPE, "--data", str(world), "--limit", "5", "--method", "none",
+                    "--temperature", "0.5", "--output", str(out)) == 2
+    assert "holds a run with other settings (decoding)" in capsys.readouterr().err
+
+
+def test_chair_and_mme_runs(world, tmp_path):
+    chair = tmp_path / "chair"
+    assert run_eval("chair", "--model", "tiny-random:llava", "--data", str(world), "--num-images",
+                    "6", "--max-new-tokens", "8", "--output", str(chair)) == 0
+    m = results(chair)["metrics"]
+    assert set(m) >= {"chair_s", "chair_i", "recall", "length"}
+    assert len(results(chair)["run"]["data"]["image_ids"]) == 6
+    mme = tmp_path / "mme"
+    assert run_eval("mme", "--model", "tiny-random:llava", "--data", str(world),
+                    "--max-new-tokens", "2", "--output", str(mme)) == 0
+    m = results(mme)["metrics"]
+    assert set(m) >= {"existence", "count", "position", "color", "hallucination"}
+    assert m["hallucination"] == sum(m[k] for k in ("existence", "count", "position", "color"))
+
+
+def test_compare_writes_table_and_chart(world, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert run_eval(*POPE, "--data", str(world), "--limit", "4", "--output", str(out)) == 0
+    capsys.readouterr()
+    png = tmp_path / "cmp.png"
+    assert run_eval("compare", str(a), str(b), "--png", str(png)) == 0
+    table = capsys.readouterr().out
+    assert "| a | pope | none |" in table and "| b | pope | none |" in table
+    assert png.stat().st_size > 1000
+
+
+def test_bad_data_errors(world, tmp_path, capsys):
+    bad = tmp_path / "q.json"
+    bad.write_text('{"question_id": 1, "image": "x.png", "text": "Is there a cup?", "label": "yes"}\n'
+                   "{not json\n")
+    assert run_eval(*POPE, "--data", str(bad), "--images", str(tmp_path), "--output",
+                    str(tmp_path / "o1")) == 2
+    assert "q.json" in (err := capsys.readouterr().err) and "line 2" in err
+    good = tmp_path / "coco_pope_random.json"
+    good.write_text('{"question_id": 1, "image": "missing.png", "text": "Is there a cup?", '
+                    '"label": "yes"}\n')
+    assert run_eval(*POPE, "--data", str(good), "--images", str(tmp_path), "--output",
+                    str(tmp_path / "o2")) == 2
+    assert "missing.png' does not exist" in capsys.readouterr().err
+    with pytest.raises(InputError, match="not a POPE split"):
+        run_eval_raise(*POPE, "--data", str(world), "--split", "hard", "--output", str(tmp_path))
+
+
+def run_eval_raise(*argv):
+    from veridical.cli import build_parser
+
+    args = build_parser().parse_args(["eval", *argv])
+    return args.func(args)
+
+
+def test_two_processes_merge_to_the_single_process_result(world, tmp_path):
+    single = tmp_path / "single"
+    args = [*POPE, "--data", str(world), "--split", "random", "--limit", "12"]
+    assert run_eval(*args, "--output", str(single)) == 0
+    multi = tmp_path / "multi"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "veridical", "eval", *args, "--output", str(multi)],
+        check=True, env=env, cwd=ROOT, capture_output=True, timeout=300,
+    )
+    assert samples(multi) == samples(single)
+    assert results(multi)["metrics"] == results(single)["metrics"]
+    assert results(multi)["run"]["processes"] == 2
+    assert not list(multi.glob("samples.rank*"))
