@@ -213,7 +213,7 @@ def chair_benchmark(args: argparse.Namespace) -> Benchmark:
     instances = json.loads(inst_path.read_text())
     names = {im["id"]: im["file_name"] for im in instances["images"]}
     wanted = chair.read_image_ids(args.image_ids) if args.image_ids else None
-    ids = chair.select_image_ids(names, args.num_images or min(500, len(names)), args.seed or 0,
+    ids = chair.select_image_ids(names, args.num_images or min(500, len(names)), args.image_seed,
                                  wanted)
     vocab = chair.load_vocabulary(double_space_quirk=not args.no_double_space_quirk)
     prompt = args.prompt or CHAIR_PROMPT
@@ -231,7 +231,8 @@ def chair_benchmark(args: argparse.Namespace) -> Benchmark:
     files = [{"path": str(p), "sha256": sha256(p)} for pair in pairs for p in pair]
     return Benchmark("chair", items, lambda text: text, score,
                      {"files": files, "images": str(images_dir), "image_ids": ids,
-                      "prompt": prompt, "drop_incomplete_sentence": args.drop_incomplete_sentence,
+                      "image_seed": args.image_seed, "prompt": prompt,
+                      "drop_incomplete_sentence": args.drop_incomplete_sentence,
                       "double_space_quirk": not args.no_double_space_quirk},
                      max_new_tokens=args.max_new_tokens or 64)
 
@@ -571,6 +572,8 @@ def add_subcommands(subparsers: Any) -> None:
                            help=f"appended to each question (default {POPE_SUFFIX!r})")
         if name == "chair":
             p.add_argument("--num-images", type=int, default=None, help="default 500")
+            p.add_argument("--image-seed", type=int, default=0,
+                           help="seed of the image selection (not of decoding)")
             p.add_argument("--image-ids", default=None, help="file of image ids (JSON or lines)")
             p.add_argument("--prompt", default=None, help=f"default {CHAIR_PROMPT!r}")
             p.add_argument("--drop-incomplete-sentence", action="store_true")

@@ -24,6 +24,7 @@ sparse MoE layers (4 experts, top-2) in every decoder layer.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -185,10 +186,11 @@ def _build_tokenizer(
     pad: str,
     named: dict[str, str],
     chat_template: str,
+    words: Iterable[str] = _WORDS,
 ) -> PreTrainedTokenizerFast:
     """A word-level tokenizer: specials first (ids 0..), then punctuation, then words."""
     vocab: dict[str, int] = {}
-    for token in (*specials, *_PUNCTUATION, *_WORDS):
+    for token in (*specials, *_PUNCTUATION, *words):
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
@@ -226,6 +228,26 @@ def _llava_tokenizer() -> PreTrainedTokenizerFast:
         pad="<pad>",
         named={"image_token": "<image>"},
         chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def llava_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A LLaVA-style word-level tokenizer over ``words`` (lowercase, in order, duplicates kept once).
+
+    The same construction as the tiny LLaVA tokenizer (specials ``<unk> <s> </s> <pad> <image>``
+    at ids 0-4, then punctuation, then ``words``; bos prepended; left padding; the LLaVA-1.5 chat
+    template "USER: <image>\\n... ASSISTANT:"), with a caller-chosen vocabulary: the built-in
+    SynthCOCO model uses the world's words (``veridical.evals.synthcoco_train``).
+    """
+    words = [w.lower() for w in words]
+    return _build_tokenizer(
+        _LLAVA_SPECIALS,
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        named={"image_token": "<image>"},
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+        words=words,
     )
 
 
