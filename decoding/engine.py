@@ -28,7 +28,7 @@ from veridical.errors import InputError
 from veridical.images import load_image
 
 from .inputs import collate, encode
-from .method import Method, Request
+from .method import Method, Request, RowInfo
 from .registry import resolve
 from .sampling import sample, warp
 
@@ -99,9 +99,11 @@ def _is_number(x: Any) -> bool:
 class _Rows:
     """The cache rows of a batch with their attention mask and next position ids."""
 
-    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], cache_kw: str):
+    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], cache_kw: str,
+                 info: RowInfo):
         self.model = model
         self.cache_kw = cache_kw
+        self.info = info  # which rows are which branch; hooks read it during forwards
         self.batch = batch
         self.mask = batch["attention_mask"]  # (R, L)
         self.positions = _prefill_positions(model, batch)  # (..., R, T): batch dim is -2
@@ -132,7 +134,9 @@ class _Rows:
         return out.logits[:, -1, :].float()
 
     def select(self, index: torch.Tensor) -> None:
-        """Keep (and reorder, or repeat) rows: row i becomes old row ``index[i]``."""
+        """Keep (and reorder, or repeat) rows: row i becomes old row ``index[i]``. ``index``
+        is branch-major like the rows (see the module docstring)."""
+        self.info.n_slots = len(index) // len(self.info.names)
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
         self.positions = self.positions.index_select(-2, index)
@@ -269,9 +273,15 @@ class Engine:
         for key in ("pixel_values", "pixel_values_videos"):
             if key in batch:
                 batch[key] = batch[key].to(dtype)
-        state = _Rows(self.model, batch, self._cache_kw)
+        info = RowInfo(["main"] + [b.name for b in branches], n_slots=len(requests))
+        state = _Rows(self.model, batch, self._cache_kw, info)
         search = _beam_search if config.num_beams > 1 else _sample_or_greedy
-        outputs = search(self, state, method, len(branches) + 1, config, seeds)
+        handles = method.install(self, info)
+        try:
+            outputs = search(self, state, method, len(branches) + 1, config, seeds)
+        finally:
+            for handle in handles:
+                handle.remove()
         results = []
         for (ids, reason), n_prompt, n_image in zip(outputs, prompt_tokens, image_tokens):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -283,7 +293,7 @@ class Engine:
         return results
 
     def _encode(self, request: Request) -> dict[str, torch.Tensor]:
-        return encode(self.processor, request.image, request.prompt)
+        return encode(self.processor, request.image, request.prompt, request.system)
 
     def _scores(self, method: Method, logits: torch.Tensor, n_slots: int, n_branches: int,
                 step: int) -> torch.Tensor:

@@ -1,17 +1,26 @@
 """The method interface: every mitigation is a point on three independent axes.
 
 1. Branches: extra inputs that run beside the real one (a noised image, no image, a disturbed
-   instruction, ...). A :class:`Branch` turns a request into the branch's request; the engine runs
-   all branches of all requests in ONE batched forward per step, each with its own cache rows, and
-   feeds every branch the tokens chosen for its request.
+   instruction, weak MoE routing, ...). A :class:`Branch` turns a request into the branch's
+   request; the engine runs all branches of all requests in ONE batched forward per step, each
+   with its own cache rows, and feeds every branch the tokens chosen for its request. Forward-time
+   changes (e.g. routing) are installed as hooks by :meth:`Method.install`, which reads which
+   rows belong to which branch from a :class:`RowInfo`.
 2. Attention edits: what changes inside attention (registered through transformers'
    ``AttentionInterface``; see the attention family).
-3. Logits combination and search: :meth:`Method.combine` turns the real branch's logits and the
-   extra branches' logits into next-token scores; the search (greedy, sampling, beam, ...) picks.
+3. Logits combination and search: each method adds a ``delta`` to the real branch's logits
+   ``z`` (a contrast such as ``alpha * (z - z_noised)``) and may ask for the adaptive
+   plausibility constraint (APC: keep tokens with ``z >= log(beta) + max z``, on the real
+   branch's raw logits). Composed methods add their deltas and apply APC once with the largest
+   beta, so ``ritual+vcd`` is ``z + a_pos * z_T + a * (z - z_noised)`` as in RITUAL's reference.
+   The search (greedy, sampling, beam, ...) then picks from the scores.
+
+Deltas written on the logit scale equal their log-probability forms up to a per-row constant,
+which changes neither softmax nor argmax, so PAI's and M3ID's log-prob formulas are exact here.
 
 A method declares its parameters as :class:`Param` objects; ``Method(**args)`` validates every
 argument and raises ``ValueError`` naming the method, the parameter, the value and the allowed range.
-``combine`` must never modify its inputs in place.
+Nothing here modifies its input tensors in place.
 """
 
 from __future__ import annotations
@@ -115,8 +124,13 @@ class Request:
 
     image: Any  # PIL.Image.Image | None
     prompt: str
+    system: str | None = None  # a system message (ICD's disturbance role); None: the template's
     # Free-form per-request settings a branch may add (e.g. a tensor transform for the pixels).
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _same_request(request: Request, rng: torch.Generator) -> Request:
+    return request
 
 
 @dataclass(frozen=True)
@@ -130,8 +144,52 @@ class Branch:
     """
 
     name: str
-    make: Callable[[Request, torch.Generator], Request] = lambda request, rng: request
+    make: Callable[[Request, torch.Generator], Request] = _same_request
     on_pixels: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+
+
+@dataclass
+class RowInfo:
+    """Which cache rows belong to which branch, for hooks that act on some rows only.
+
+    Rows are branch-major: with ``n_slots`` live sequences, branch ``b`` (``names[0]`` is the real
+    input, ``"main"``) owns rows ``b * n_slots ... (b + 1) * n_slots - 1``. The engine keeps
+    ``n_slots`` current as sequences finish or beams reorder.
+    """
+
+    names: list[str]
+    n_slots: int
+
+    def mask(self, name: str) -> torch.Tensor:
+        """(R,) bool: the rows of branch ``name``."""
+        flags = torch.tensor([n == name for n in self.names])
+        return flags.repeat_interleave(self.n_slots)
+
+    def scoped(self, prefix: str) -> ScopedRows:
+        return ScopedRows(self, prefix)
+
+
+@dataclass
+class ScopedRows:
+    """A composed method's part sees its own branch names, without the ``part.`` prefix."""
+
+    parent: RowInfo
+    prefix: str
+
+    def mask(self, name: str) -> torch.Tensor:
+        return self.parent.mask(self.prefix + name)
+
+    def scoped(self, prefix: str) -> ScopedRows:
+        return ScopedRows(self.parent, self.prefix + prefix)
+
+
+def apc(scores: torch.Tensor, raw: torch.Tensor, beta: float) -> torch.Tensor:
+    """Adaptive plausibility constraint: ``scores`` where ``raw >= log(beta) + max(raw)`` (per
+    row), -inf elsewhere. ``beta = 0`` keeps every token."""
+    if beta <= 0:
+        return scores
+    cutoff = math.log(beta) + raw.max(dim=-1, keepdim=True).values
+    return scores.masked_fill(raw < cutoff, float("-inf"))
 
 
 class Method:
@@ -165,14 +223,28 @@ class Method:
     def branches(self) -> list[Branch]:
         return []
 
+    def install(self, engine: Any, rows: RowInfo) -> list[Any]:
+        """Install forward hooks for this generation; return handles with ``.remove()``."""
+        return []
+
     # Axis 3: logits combination ---------------------------------------------------------------
+    def delta(
+        self, logits: torch.Tensor, branch_logits: Mapping[str, torch.Tensor], step: int
+    ) -> torch.Tensor | None:
+        """What this method adds to the real branch's ``logits`` (N, V), given each extra
+        branch's logits (N, V) at decode ``step`` (0 for the first generated token); None for
+        nothing. Pure: never edits its inputs in place."""
+        return None
+
+    def plausibility(self) -> float | None:
+        """The APC beta this method asks for, or None."""
+        return None
+
     def combine(
         self, logits: torch.Tensor, branch_logits: Mapping[str, torch.Tensor], step: int
     ) -> torch.Tensor:
-        """Next-token scores from the real branch's ``logits`` (N, V) and each extra branch's
-        logits (N, V), at decode ``step`` (0 for the first generated token). Pure: never edits
-        its inputs in place."""
-        return logits
+        """Next-token scores (N, V): ``logits`` plus every delta, then APC on ``logits``."""
+        return combine_parts([("", self)], logits, branch_logits, step)
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -181,3 +253,23 @@ class Method:
             "description": cls.description,
             "params": [p.describe() for p in cls.params],
         }
+
+
+def combine_parts(
+    parts: list[tuple[str, Method]],
+    logits: torch.Tensor,
+    branch_logits: Mapping[str, torch.Tensor],
+    step: int,
+) -> torch.Tensor:
+    """Sum the deltas of (prefix, method) parts on ``logits``; APC once with the largest beta."""
+    scores = logits
+    betas = []
+    for prefix, part in parts:
+        own = {k[len(prefix) :]: v for k, v in branch_logits.items() if k.startswith(prefix)}
+        extra = part.delta(logits, own, step)
+        if extra is not None:
+            scores = scores + extra
+        beta = part.plausibility()
+        if beta is not None:
+            betas.append(beta)
+    return apc(scores, logits, max(betas)) if betas else scores

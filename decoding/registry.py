@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .method import Branch, Method, did_you_mean
+from .method import Branch, Method, RowInfo, combine_parts, did_you_mean
 
 _REGISTRY: dict[str, type[Method]] = {}
 _LOADED = False
@@ -118,8 +118,8 @@ def resolve(spec: str | Method, args: Mapping[str, Any] | None = None) -> Method
 
 class Composite(Method):
     """Methods joined with ``+``: the union of their branches (names prefixed by the method),
-    their attention edits, and their logits combinations applied in order, each seeing the real
-    branch's logits as updated by the previous ones."""
+    their hooks and attention edits, and the sum of their logit deltas with one APC (see
+    ``veridical.decoding.method``)."""
 
     name = "composite"
 
@@ -138,9 +138,8 @@ class Composite(Method):
                 )
         return out
 
+    def install(self, engine, rows: RowInfo) -> list:
+        return [h for p in self.parts for h in p.install(engine, rows.scoped(p.name + "."))]
+
     def combine(self, logits, branch_logits, step) -> torch.Tensor:
-        for part in self.parts:
-            prefix = part.name + "."
-            own = {k[len(prefix) :]: v for k, v in branch_logits.items() if k.startswith(prefix)}
-            logits = part.combine(logits, own, step)
-        return logits
+        return combine_parts([(p.name + ".", p) for p in self.parts], logits, branch_logits, step)

@@ -24,9 +24,8 @@ class PromptSwap(Method):
     def branches(self):
         return [Branch("swap", make=lambda r, rng: Request(r.image, r.prompt + " " + SUFFIX))]
 
-    def combine(self, logits, branch_logits, step):
-        w = self.args["weight"]
-        return (1 - w) * logits + w * branch_logits["swap"]
+    def delta(self, logits, branch_logits, step):
+        return self.args["weight"] * (branch_logits["swap"] - logits)
 
 
 @register
@@ -40,9 +39,9 @@ class Shift(Method):
         Param("weight", 1.0, "unused; shares a name with test_swap's", low=0.0),
     )
 
-    def combine(self, logits, branch_logits, step):
-        out = logits.clone()
-        out[:, self.args["token"]] += self.args["bias"]
+    def delta(self, logits, branch_logits, step):
+        out = torch.zeros_like(logits)
+        out[:, self.args["token"]] = self.args["bias"]
         return out
 
 
