@@ -254,25 +254,14 @@ class Engine:
     ) -> list[GenerationResult]:
         """Decode validated requests with a built method."""
         branches = method.branches()
-        rows: list[dict[str, torch.Tensor]] = [self._encode(r) for r in requests]
-        for branch in branches:
-            for request, seed in zip(requests, seeds):
-                rng = torch.Generator().manual_seed(seed if seed is not None else 0)
-                row = self._encode(branch.make(request, rng))
-                if branch.on_pixels is not None and "pixel_values" in row:
-                    row["pixel_values"] = branch.on_pixels(row["pixel_values"], rng)
-                rows.append(row)
+        rows = [self._encode(r) for r in requests] + self.branch_rows(requests, branches, seeds)
         prompt_tokens = [int(r["attention_mask"].sum()) for r in rows[: len(requests)]]
         image_id = self.adapter.image_token_id(self.model.config)
         image_tokens = [
             int((r["input_ids"] == image_id).sum()) if image_id is not None else 0
             for r in rows[: len(requests)]
         ]
-        batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
-        dtype = self.model.dtype
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in batch:
-                batch[key] = batch[key].to(dtype)
+        batch = self.collate(rows)
         info = RowInfo(["main"] + [b.name for b in branches], n_slots=len(requests))
         state = _Rows(self.model, batch, self._cache_kw, info)
         search = _beam_search if config.num_beams > 1 else _sample_or_greedy
@@ -291,6 +280,28 @@ class Engine:
                 GenerationResult(text.strip(), ids, reason, n_prompt, len(ids), n_image)
             )
         return results
+
+    def branch_rows(self, requests: list[Request], branches: list, seeds: list[int | None]
+                    ) -> list[dict[str, torch.Tensor]]:
+        """Encoded rows of every branch (branch-major), each built with its request's
+        generator (``seed``, or 0) so that random branches are reproducible per request."""
+        rows = []
+        for branch in branches:
+            for request, seed in zip(requests, seeds):
+                rng = torch.Generator().manual_seed(seed if seed is not None else 0)
+                row = self._encode(branch.make(request, rng))
+                if branch.on_pixels is not None and "pixel_values" in row:
+                    row["pixel_values"] = branch.on_pixels(row["pixel_values"], rng)
+                rows.append(row)
+        return rows
+
+    def collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Left-padded batch on the model's device, pixels in the model's dtype."""
+        batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in batch:
+                batch[key] = batch[key].to(self.model.dtype)
+        return batch
 
     def _encode(self, request: Request) -> dict[str, torch.Tensor]:
         return encode(self.processor, request.image, request.prompt, request.system)

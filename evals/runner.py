@@ -508,7 +508,9 @@ def markdown_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def compare(dirs: Sequence[str], png: str | None) -> str:
+def compare(dirs: Sequence[str], png: str | None, draws: int = 0) -> str:
+    """A markdown table across result folders; with ``draws`` > 0 also bootstrap 95% CIs and
+    paired differences to the first folder (``veridical.evals.stats``)."""
     rows = []
     for d in dirs:
         path = Path(d) / "results.json"
@@ -516,9 +518,49 @@ def compare(dirs: Sequence[str], png: str | None) -> str:
             raise InputError(f"{path} does not exist; pass folders written by `veridical eval`")
         rows.append((Path(d).name, json.loads(path.read_text())))
     table = markdown_table(rows)
+    if draws:
+        table += "\n\n" + ci_table(dirs, rows, draws)
     if png:
         _bar_chart(rows, Path(png))
     return table
+
+
+def ci_table(dirs: Sequence[str], rows: list[tuple[str, dict[str, Any]]], draws: int) -> str:
+    """Value [95% CI] per metric, and the paired difference to the first run [95% CI]."""
+    from . import stats
+
+    kinds = {res["run"]["benchmark"] for _, res in rows}
+    if len(kinds) != 1:
+        raise InputError(f"bootstrap needs runs of one benchmark, got {sorted(kinds)}")
+    kind = kinds.pop()
+    if kind == "pope":
+        groups = [(f"{split} ", lambda d, s=split: stats.pope_counts(_samples(d), s))
+                  for split in rows[0][1]["metrics"]["per_split"]]
+        metrics, keys = stats.pope_metrics, ("accuracy", "f1", "yes_ratio")
+    elif kind == "chair":
+        groups = [("", lambda d: stats.chair_counts(
+            json.loads((Path(d) / "results.json").read_text())["metrics"]["per_caption"]))]
+        metrics, keys = stats.chair_metrics, ("chair_s", "chair_i", "recall")
+    else:
+        raise InputError("bootstrap intervals are computed for POPE and CHAIR runs")
+    header = ["run"] + [f"{g}{k}" for g, _ in groups for k in keys]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    cells: list[list[str]] = [[name] for name, _ in rows]
+    for _, load in groups:
+        result = stats.bootstrap([load(d) for d in dirs], metrics, draws)
+        for i, row in enumerate(result):
+            for k in keys:
+                e = row[k]
+                text = f"{e['value']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
+                if "diff" in e:
+                    text += f" Δ {e['diff']:+.3f} [{e['diff_ci'][0]:+.3f}, {e['diff_ci'][1]:+.3f}]"
+                cells[i].append(text)
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines)
+
+
+def _samples(folder: str) -> list[dict]:
+    return list(SampleLog(Path(folder) / "samples.jsonl").done.values())
 
 
 def _bar_chart(rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
@@ -582,4 +624,6 @@ def add_subcommands(subparsers: Any) -> None:
     cmp_ = sub.add_parser("compare", help="one table across result folders, and a bar chart")
     cmp_.add_argument("dirs", nargs="+")
     cmp_.add_argument("--png", default="compare.png", help="bar chart path ('' for none)")
-    cmp_.set_defaults(func=lambda a: print(compare(a.dirs, a.png or None)) or 0)
+    cmp_.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                      help="bootstrap draws for 95%% CIs and paired differences (0 = none)")
+    cmp_.set_defaults(func=lambda a: print(compare(a.dirs, a.png or None, a.bootstrap)) or 0)

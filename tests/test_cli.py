@@ -55,3 +55,13 @@ def test_bench_engine_reports_both_sides(capsys):
 
 def test_parse_sets():
     assert parse_sets(["a=1", "vcd.beta = 0.2"]) == {"a": "1", "vcd.beta": "0.2"}
+
+
+def test_bench_methods_reports_ratios_to_the_baseline(capsys):
+    assert main(["bench", "methods", "--model", "tiny-random:llava", "--batch-size", "2",
+                 "--methods", "vcd,ritual", "--max-new-tokens", "3", "--repeats", "1",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["none", "vcd", "ritual"]
+    assert rows[0]["time_per_token_ratio"] == 1.0
+    assert all(r["tokens"] == 6 and r["time_per_token_ratio"] > 0 for r in rows)

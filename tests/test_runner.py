@@ -122,6 +122,7 @@ def test_compare_writes_table_and_chart(world, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| a | pope | none |" in table and "| b | pope | none |" in table
     assert png.stat().st_size > 1000
+    assert "Δ +0.000 [+0.000, +0.000]" in table  # same model and data: paired difference 0
 
 
 def test_bad_data_errors(world, tmp_path, capsys):

@@ -1,8 +1,11 @@
 """Benchmarks that print ratios measured side by side in one run (never timed tests).
 
 ``bench_engine``: tokens per second of ``Engine.generate`` and of transformers'
-``model.generate`` on the same model, requests and batch sizes, greedy, alternating the two
-several times and keeping each one's best time, so that machine noise hits both alike.
+``model.generate`` on the same model, requests and batch sizes, greedy.
+``bench_methods``: per-token time of every registered method (at its defaults) divided by the
+baseline's, on the same model, requests and batch sizes, greedy.
+Both alternate the contenders several times and keep each one's best time, so that machine
+noise hits all alike.
 """
 
 from __future__ import annotations
@@ -82,4 +85,38 @@ def bench_engine(engine, batch_sizes: list[int], max_new_tokens: int = 32,
             "engine_tokens": n_ours,
             "hf_tokens": n_hf,
         })
+    return rows
+
+
+def _method_tokens(engine, images, prompts, max_new_tokens: int, method: str) -> int:
+    results = engine.generate(images, prompts, method=method, max_new_tokens=max_new_tokens)
+    return sum(r.completion_tokens for r in results)
+
+
+def applicable_methods(engine) -> list[str]:
+    """Registered methods this model can run (``scmoe`` needs MoE routers; tests' excluded)."""
+    from .decoding.registry import registered
+
+    names = [n for n in registered() if not n.startswith("test_")]
+    if not engine.adapter.routers(engine.model):
+        names = [n for n in names if n != "scmoe"]
+    return names
+
+
+def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = None,
+                  max_new_tokens: int = 32, repeats: int = 3) -> list[dict]:
+    """One row per (batch size, method): tokens/s and time per token relative to ``none``."""
+    methods = ["none", *[m for m in (methods or applicable_methods(engine)) if m != "none"]]
+    rows = []
+    for batch_size in batch_sizes:
+        images = bench_images(batch_size)
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
+        fns = {m: partial(_method_tokens, engine, images, prompts, max_new_tokens, m)
+               for m in methods}
+        timed = time_alternating(fns, repeats)
+        base_t, base_n = timed["none"]
+        for m in methods:
+            t, n = timed[m]
+            rows.append({"batch_size": batch_size, "method": m, "tokens_per_s": n / t,
+                         "tokens": n, "time_per_token_ratio": (t / n) / (base_t / base_n)})
     return rows

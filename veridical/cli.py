@@ -140,6 +140,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_methods(args: argparse.Namespace) -> int:
+    import torch
+
+    import veridical
+
+    from .bench import bench_methods
+
+    engine = veridical.load(args.model, device=args.device)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    rows = bench_methods(engine, args.batch_size, methods, args.max_new_tokens, args.repeats)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"per-token time vs baseline, {args.model}, greedy, "
+                        f"{args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}")
+    for col in ("batch", "method", "tok/s", "time/token vs none"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["batch_size"]), r["method"], f"{r['tokens_per_s']:.1f}",
+                      f"{r['time_per_token_ratio']:.2f}x")
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="veridical",
@@ -173,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--device", default=None)
     eng.add_argument("--json", action="store_true")
     eng.set_defaults(func=cmd_bench)
+    meth_b = bench_sub.add_parser("methods", help="per-token time of each method vs baseline")
+    meth_b.add_argument("--model", default="tiny-random:llava")
+    meth_b.add_argument("--batch-size", type=_int_list, default=[1, 8])
+    meth_b.add_argument("--methods", default=None, help="comma list (default: all applicable)")
+    meth_b.add_argument("--max-new-tokens", type=int, default=32)
+    meth_b.add_argument("--repeats", type=int, default=3)
+    meth_b.add_argument("--device", default=None)
+    meth_b.add_argument("--json", action="store_true")
+    meth_b.set_defaults(func=cmd_bench_methods)
 
     demo = sub.add_parser("demo", help="the main job: every method on the built-in model")
     demo.add_argument("--model", default=None, help="default: the built-in model")
