@@ -374,8 +374,9 @@ def _distributed() -> tuple[int, int, Any]:
     return state.process_index, state.num_processes, state
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) one evaluation and write samples.jsonl and results.json."""
+def evaluate(args: argparse.Namespace, engine: Any = None, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) one evaluation and write samples.jsonl and results.json. ``engine``: an
+    already loaded ``args.model`` to reuse; ``quiet``: no table at the end."""
     import veridical
     from veridical.cli import decoding_kwargs
 
@@ -410,7 +411,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     if device is None and state is not None and state.device.type != "cpu":
         device = str(state.device)  # one GPU per process
-    engine = veridical.load(args.model, device=device)
+    if engine is None:
+        engine = veridical.load(args.model, device=device)
     kwargs = decoding_kwargs(args)
     kwargs["max_new_tokens"] = bench.max_new_tokens
     _generate_all(engine, bench, mine, kwargs, args.batch_size, log, show=rank == 0,
@@ -433,7 +435,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown_table([(out.name, results)]))
+    if not quiet:
+        print(markdown_table([(out.name, results)]))
     return results
 
 

@@ -136,7 +136,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.model)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    run_demo(args.model, args.output, args.quick, methods=methods)
     return 0
 
 
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: every method on the built-in model")
     demo.add_argument("--model", default=None, help="default: the built-in model")
+    demo.add_argument("--output", default="runs/demo", help="results folder (rerun to resume)")
+    demo.add_argument("--quick", action="store_true", help="a few items only (for CI)")
+    demo.add_argument("--methods", default=None, help="comma list (default: all applicable)")
     demo.set_defaults(func=cmd_demo)
 
     for module in _PLUGINS:
