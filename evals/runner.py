@@ -386,6 +386,7 @@ def evaluate(args: argparse.Namespace, engine: Any = None, quiet: bool = False) 
         raise InputError(f"no {bench.name} items to run in {args.data}")
     if len({it.id for it in items}) != len(items):
         raise InputError(f"{args.data}: item ids repeat; each question needs a unique id")
+    items, skipped = _check_images(items, args.skip_bad_lines)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     settings = run_settings(args, bench)
@@ -430,7 +431,7 @@ def evaluate(args: argparse.Namespace, engine: Any = None, quiet: bool = False) 
     results = {
         "metrics": metrics,
         "run": {**settings, "data": bench.data, "batch_size": args.batch_size, "processes": world,
-                "items": len(samples), "versions": _versions(), "git_commit": git_commit(),
+                "items": len(samples), "skipped_items": skipped, "versions": _versions(), "git_commit": git_commit(),
                 "device": str(engine.device),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
@@ -438,6 +439,22 @@ def evaluate(args: argparse.Namespace, engine: Any = None, quiet: bool = False) 
     if not quiet:
         print(markdown_table([(out.name, results)]))
     return results
+
+
+def _check_images(items: list[Item], skip: bool) -> tuple[list[Item], dict[str, Any]]:
+    """Fail before any generation when image files are missing, or with ``skip`` leave those
+    items out and count them."""
+    missing = [it for it in items
+               if isinstance(path := it.image(), (str, Path)) and not Path(path).is_file()]
+    if missing and not skip:
+        raise InputError(
+            f"{len(missing)} items name image files that do not exist (first: "
+            f"{str(missing[0].image())!r} for item {missing[0].id}); restore them, fix --images, "
+            "or pass --skip-bad-lines to skip and count them"
+        )
+    gone = {it.id for it in missing}
+    return [it for it in items if it.id not in gone], {
+        "missing_images": len(missing), "first": [it.id for it in missing[:10]]}
 
 
 def _generate_all(engine, bench: Benchmark, items: list[Item], kwargs: dict[str, Any],

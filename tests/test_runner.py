@@ -137,7 +137,17 @@ def test_bad_data_errors(world, tmp_path, capsys):
                     '"label": "yes"}\n')
     assert run_eval(*POPE, "--data", str(good), "--images", str(tmp_path), "--output",
                     str(tmp_path / "o2")) == 2
-    assert "missing.png' does not exist" in capsys.readouterr().err
+    assert "1 items name image files that do not exist (first: " in capsys.readouterr().err
+    # with the flag the item is skipped and counted
+    (tmp_path / "there.png").write_bytes((world / "images" / "test" / sorted(
+        p.name for p in (world / "images" / "test").iterdir())[0]).read_bytes())
+    with open(good, "a") as f:
+        f.write('{"question_id": 2, "image": "there.png", "text": "Is there a cup?", '
+                '"label": "no"}\n')
+    assert run_eval(*POPE, "--data", str(good), "--images", str(tmp_path), "--output",
+                    str(tmp_path / "o3"), "--skip-bad-lines") == 0
+    res = results(tmp_path / "o3")
+    assert res["run"]["skipped_items"]["missing_images"] == 1 and res["run"]["items"] == 1
     with pytest.raises(InputError, match="not a POPE split"):
         run_eval_raise(*POPE, "--data", str(world), "--split", "hard", "--output", str(tmp_path))
 
