@@ -27,6 +27,7 @@ import torch
 from veridical.errors import InputError
 from veridical.images import load_image
 
+from .attention import EditPlan, plan_active, restore, use_edits
 from .inputs import collate, encode
 from .method import Method, Request, RowInfo
 from .registry import resolve
@@ -100,20 +101,33 @@ class _Rows:
     """The cache rows of a batch with their attention mask and next position ids."""
 
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], cache_kw: str,
-                 info: RowInfo):
+                 info: RowInfo, image_id: int | None = None, edits: list | None = None):
         self.model = model
         self.cache_kw = cache_kw
         self.info = info  # which rows are which branch; hooks read it during forwards
+        self.edits = edits or []
+        # (R, L) image-token keys, kept only when attention edits need them
+        self.image_keys = (batch["input_ids"] == image_id if self.edits and image_id is not None
+                           else None)
         self.batch = batch
         self.mask = batch["attention_mask"]  # (R, L)
         self.positions = _prefill_positions(model, batch)  # (..., R, T): batch dim is -2
         self.cache = None
 
+    def _plan(self):
+        if not self.edits:
+            return plan_active(None)
+        keys = self.image_keys
+        if keys is None:
+            keys = torch.zeros_like(self.mask, dtype=torch.bool)
+        return plan_active(EditPlan(self.edits, self.info.mask("main"), keys))
+
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
-        out = self.model(
-            **self.batch, position_ids=self.positions, use_cache=True, logits_to_keep=1
-        )
+        with self._plan():
+            out = self.model(
+                **self.batch, position_ids=self.positions, use_cache=True, logits_to_keep=1
+            )
         self.batch = {}  # images are consumed; keep no reference
         self.cache = getattr(out, "cache", None) or out.past_key_values
         self.positions = self.positions[..., -1:]
@@ -123,14 +137,18 @@ class _Rows:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (R,) and return the next logits (R, V)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=-1)
+        if self.image_keys is not None:
+            self.image_keys = torch.cat(
+                [self.image_keys, self.image_keys.new_zeros(self.image_keys.shape[0], 1)], dim=-1)
         self.positions = self.positions + 1
-        out = self.model(
-            input_ids=tokens[:, None],
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            use_cache=True,
-            **{self.cache_kw: self.cache},
-        )
+        with self._plan():
+            out = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=self.mask,
+                position_ids=self.positions,
+                use_cache=True,
+                **{self.cache_kw: self.cache},
+            )
         return out.logits[:, -1, :].float()
 
     def select(self, index: torch.Tensor) -> None:
@@ -139,6 +157,8 @@ class _Rows:
         self.info.n_slots = len(index) // len(self.info.names)
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
+        if self.image_keys is not None:
+            self.image_keys = self.image_keys[index]
         self.positions = self.positions.index_select(-2, index)
 
 
@@ -263,14 +283,18 @@ class Engine:
         ]
         batch = self.collate(rows)
         info = RowInfo(["main"] + [b.name for b in branches], n_slots=len(requests))
-        state = _Rows(self.model, batch, self._cache_kw, info)
+        edits = method.attention_edits(self)
+        state = _Rows(self.model, batch, self._cache_kw, info, image_id, edits)
         search = _beam_search if config.num_beams > 1 else _sample_or_greedy
         handles = method.install(self, info)
+        previous = use_edits(self.model, self.adapter.multimodal) if edits else None
         try:
             outputs = search(self, state, method, len(branches) + 1, config, seeds)
         finally:
             for handle in handles:
                 handle.remove()
+            if previous is not None:
+                restore(self.model, previous)
         results = []
         for (ids, reason), n_prompt, n_image in zip(outputs, prompt_tokens, image_tokens):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -227,6 +227,12 @@ class Method:
         """Install forward hooks for this generation; return handles with ``.remove()``."""
         return []
 
+    # Axis 2: attention edits ------------------------------------------------------------------
+    def attention_edits(self, engine: Any) -> list[Any]:
+        """``veridical.decoding.attention.AttentionEdit`` objects for this generation, applied
+        to the real-input rows (extra branches run unedited)."""
+        return []
+
     # Axis 3: logits combination ---------------------------------------------------------------
     def delta(
         self, logits: torch.Tensor, branch_logits: Mapping[str, torch.Tensor], step: int

@@ -138,6 +138,9 @@ class Composite(Method):
                 )
         return out
 
+    def attention_edits(self, engine) -> list:
+        return [e for p in self.parts for e in p.attention_edits(engine)]
+
     def install(self, engine, rows: RowInfo) -> list:
         return [h for p in self.parts for h in p.install(engine, rows.scoped(p.name + "."))]
 

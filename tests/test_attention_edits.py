@@ -1,0 +1,121 @@
+"""Attention edits through the SDPA path equal an eager reference that materialises the
+weights and applies the paper's rule; strength 0 is the baseline; batches are invariant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import eager_mask
+
+from tests.conftest import tiny_engine
+from veridical.decoding.attention import EditPlan, plan_active, restore, use_edits
+from veridical.decoding.engine import _Rows
+from veridical.decoding.inputs import encode
+from veridical.decoding.method import RowInfo
+from veridical.decoding.methods.pai import PAIEdit, mapped_start
+
+REFERENCE = {"image_keys": None, "alpha": 0.0, "layers": set()}
+
+
+def eager_pai_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                        **kwargs):
+    """PAI's reference rule on fully materialised eager attention (LALBJ/PAI attention.py):
+    logits + mask, clamp at the dtype minimum, a + alpha|a| on image columns of the last query
+    row, softmax in fp32."""
+    k = repeat_kv(key, module.num_key_value_groups)
+    v = repeat_kv(value, module.num_key_value_groups)
+    w = torch.matmul(query, k.transpose(2, 3)) * scaling  # (B, H, q, kv)
+    if attention_mask is not None:
+        w = torch.maximum(w + attention_mask, torch.tensor(torch.finfo(w.dtype).min))
+    if module.layer_idx in REFERENCE["layers"]:
+        cols = REFERENCE["image_keys"][:, None, :]  # (B, 1, kv)
+        last = w[:, :, -1, :]
+        w[:, :, -1, :] = torch.where(cols, last + REFERENCE["alpha"] * last.abs(), last)
+    p = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(p, v).transpose(1, 2).contiguous(), p
+
+
+AttentionInterface.register("test_eager_pai", eager_pai_attention)
+AttentionMaskInterface.register("test_eager_pai", eager_mask)
+
+
+def run_two_steps(engine, batch, plan_edits, image_id):
+    """Prefill + one decode step through _Rows; returns both steps' logits."""
+    info = RowInfo(["main"], n_slots=batch["input_ids"].shape[0])
+    rows = _Rows(engine.model, dict(batch), engine._cache_kw, info, image_id, plan_edits)
+    first = rows.prefill()
+    REFERENCE["image_keys"] = torch.cat(
+        [REFERENCE["image_keys"], torch.zeros(first.shape[0], 1, dtype=torch.bool)], dim=-1)
+    second = rows.step(first.argmax(-1))
+    return first, second
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+def test_pai_edit_equals_eager_reference_with_left_padding(arch, images, prompts):
+    engine = tiny_engine(arch)
+    batch = engine.collate([encode(engine.processor, i, p) for i, p in zip(images, prompts)])
+    assert (batch["attention_mask"] == 0).any()  # left padding is exercised
+    image_id = engine.adapter.image_token_id(engine.model.config)
+    n_layers = len(engine.adapter.decoder_layers(engine.model))
+    edit = PAIEdit(range(mapped_start(n_layers), n_layers), alpha=0.7)
+
+    REFERENCE.update(image_keys=batch["input_ids"] == image_id, alpha=0.7, layers=edit.layers())
+    engine.model.set_attn_implementation({"text_config": "test_eager_pai"})
+    try:
+        ref = run_two_steps(engine, batch, [], image_id)
+    finally:
+        engine.model.set_attn_implementation({"text_config": "sdpa"})
+    previous = use_edits(engine.model, True)
+    try:
+        ours = run_two_steps(engine, batch, [edit], image_id)
+    finally:
+        restore(engine.model, previous)
+    plain = run_two_steps(engine, batch, [], image_id)
+    for a, b, c in zip(ours, ref, plain):
+        assert (a - b).abs().max() <= 1e-5
+        assert (a - c).abs().max() > 1e-3  # the edit does change the output
+
+
+def test_no_plan_means_plain_sdpa(images, prompts):
+    engine = tiny_engine("llava")
+    inputs = encode(engine.processor, images[0], prompts[0])
+    with torch.inference_mode():
+        plain = engine.model(**inputs).logits
+        previous = use_edits(engine.model, True)
+        try:
+            with plan_active(None):
+                routed = engine.model(**inputs).logits
+            rows = torch.ones(1, dtype=torch.bool)
+            with plan_active(EditPlan([], rows, inputs["input_ids"] == 0)):
+                empty = engine.model(**inputs).logits
+        finally:
+            restore(engine.model, previous)
+    assert torch.equal(plain, routed) and torch.equal(plain, empty)
+    assert engine.model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl", "qwen3-vl-moe"])
+def test_pai_strength_zero_and_batch_invariance(arch, images, prompts):
+    engine = tiny_engine(arch)
+    base = engine.generate(images, prompts, max_new_tokens=6)
+    off = engine.generate(images, prompts, method="pai", method_args={"alpha": 0.0, "gamma": 1.0},
+                          max_new_tokens=6)
+    assert [r.token_ids for r in off] == [r.token_ids for r in base]
+    for kw in (dict(max_new_tokens=6), dict(max_new_tokens=6, do_sample=True, seed=[1, 2, 3, 4]),
+               dict(max_new_tokens=5, num_beams=2)):
+        batch = engine.generate(images, prompts, method="pai", **kw)
+        seeds = kw.get("seed", [None] * 4)
+        alone = [engine.generate(i, p, method="pai", **{**kw, "seed": s}).token_ids
+                 for i, p, s in zip(images, prompts, seeds)]
+        assert [r.token_ids for r in batch] == alone
+
+
+def test_pai_composes_with_vcd_and_edits_only_the_real_rows(images, prompts):
+    engine = tiny_engine("llava")
+    kw = dict(max_new_tokens=6)
+    both = engine.generate(images, prompts, method="pai+vcd", **kw)
+    alone = [engine.generate(i, p, method="pai+vcd", **kw).token_ids for i, p in zip(images, prompts)]
+    assert [r.token_ids for r in both] == alone
+    assert engine.model.config.get_text_config()._attn_implementation == "sdpa"
