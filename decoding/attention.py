@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -41,13 +41,14 @@ class AttentionEdit:
     def layers(self) -> set[int]:
         return set()
 
-    def edit_logits(self, layer: int, logits: torch.Tensor, image_keys: torch.Tensor
+    def edit_logits(self, layer: int, logits: torch.Tensor, plan: EditPlan
                     ) -> torch.Tensor | None:
-        """Return edited copies of ``logits`` (n, H, 1, kv) of the last query position, given
-        ``image_keys`` (n, kv) bool; None when this edit has no pre-softmax part."""
+        """Return edited copies of ``logits`` (n, H, 1, kv) of the last query position of the
+        plan's rows (``plan.keys()`` gives their (n, kv) image keys); None when this edit has no
+        pre-softmax part."""
         return None
 
-    def head_scale(self, layer: int) -> torch.Tensor | None:
+    def head_scale(self, layer: int, plan: EditPlan) -> torch.Tensor | None:
         """Per-head output factors (n, H) for the last query position, or None."""
         return None
 
@@ -59,10 +60,19 @@ class EditPlan:
     edits: list[AttentionEdit]
     rows: torch.Tensor  # (R,) bool: rows the edits apply to
     image_keys: torch.Tensor  # (R, kv) bool: image-token keys of this forward (cache + new)
+    row_data: dict[str, torch.Tensor] = field(default_factory=dict)  # (R, ...) per-row state
 
     def __post_init__(self) -> None:
         self.index = self.rows.nonzero().flatten()
         self.layer_set = set().union(*(e.layers() for e in self.edits)) if self.edits else set()
+
+    def keys(self) -> torch.Tensor:
+        """(n, kv) image keys of the edited rows."""
+        return self.image_keys[self.index]
+
+    def data(self, name: str) -> torch.Tensor:
+        """(n, ...) per-row state ``name`` of the edited rows (from ``Method.prepare``)."""
+        return self.row_data[name][self.index]
 
 
 _PLAN: ContextVar[EditPlan | None] = ContextVar("veridical_edit_plan", default=None)
@@ -90,10 +100,9 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
     out = out.clone()
     pre = [e for e in plan.edits if layer in e.layers()]
     logits = _last_row_logits(module, query, key, attention_mask, scaling, idx)
-    image_keys = plan.image_keys.to(out.device)[idx]
     edited = False
     for edit in pre:
-        new = edit.edit_logits(layer, logits, image_keys)
+        new = edit.edit_logits(layer, logits, plan)
         if new is not None:
             logits, edited = new, True
     if edited:
@@ -102,7 +111,7 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
         out[idx, -1:] = torch.matmul(probs, v).transpose(1, 2)  # (n, 1, H, D)
     for edit in pre:
-        scale = edit.head_scale(layer)
+        scale = edit.head_scale(layer, plan)
         if scale is not None:
             out[idx, -1] = out[idx, -1] * scale.to(out.dtype)[:, :, None]
     return out, weights

@@ -101,11 +101,13 @@ class _Rows:
     """The cache rows of a batch with their attention mask and next position ids."""
 
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], cache_kw: str,
-                 info: RowInfo, image_id: int | None = None, edits: list | None = None):
+                 info: RowInfo, image_id: int | None = None, edits: list | None = None,
+                 row_data: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.cache_kw = cache_kw
         self.info = info  # which rows are which branch; hooks read it during forwards
         self.edits = edits or []
+        self.row_data = row_data or {}  # (R, ...) per-row state for the edits
         # (R, L) image-token keys, kept only when attention edits need them
         self.image_keys = (batch["input_ids"] == image_id if self.edits and image_id is not None
                            else None)
@@ -120,7 +122,7 @@ class _Rows:
         keys = self.image_keys
         if keys is None:
             keys = torch.zeros_like(self.mask, dtype=torch.bool)
-        return plan_active(EditPlan(self.edits, self.info.mask("main"), keys))
+        return plan_active(EditPlan(self.edits, self.info.mask("main"), keys, self.row_data))
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
@@ -159,6 +161,7 @@ class _Rows:
         self.mask = self.mask[index]
         if self.image_keys is not None:
             self.image_keys = self.image_keys[index]
+        self.row_data = {k: v[index] for k, v in self.row_data.items()}
         self.positions = self.positions.index_select(-2, index)
 
 
@@ -284,7 +287,10 @@ class Engine:
         batch = self.collate(rows)
         info = RowInfo(["main"] + [b.name for b in branches], n_slots=len(requests))
         edits = method.attention_edits(self)
-        state = _Rows(self.model, batch, self._cache_kw, info, image_id, edits)
+        n_rows = len(branches) + 1
+        row_data = {k: v.repeat(n_rows, *([1] * (v.dim() - 1)))  # every branch block
+                    for k, v in method.prepare(self, requests).items()}
+        state = _Rows(self.model, batch, self._cache_kw, info, image_id, edits, row_data)
         search = _beam_search if config.num_beams > 1 else _sample_or_greedy
         handles = method.install(self, info)
         previous = use_edits(self.model, self.adapter.multimodal) if edits else None

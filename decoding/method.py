@@ -227,6 +227,13 @@ class Method:
         """Install forward hooks for this generation; return handles with ``.remove()``."""
         return []
 
+    def prepare(self, engine: Any, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """Per-request state computed once before decoding (e.g. VHR's head selection), as
+        tensors (n_requests, ...); the engine keeps them aligned with the rows as sequences
+        finish or beams reorder, and attention edits read them through ``EditPlan.data``.
+        Names must be unique across methods (prefix them with the method's name)."""
+        return {}
+
     # Axis 2: attention edits ------------------------------------------------------------------
     def attention_edits(self, engine: Any) -> list[Any]:
         """``veridical.decoding.attention.AttentionEdit`` objects for this generation, applied

@@ -138,6 +138,9 @@ class Composite(Method):
                 )
         return out
 
+    def prepare(self, engine, requests) -> dict:
+        return {k: v for p in self.parts for k, v in p.prepare(engine, requests).items()}
+
     def attention_edits(self, engine) -> list:
         return [e for p in self.parts for e in p.attention_edits(engine)]
 

@@ -16,7 +16,7 @@ from veridical.decoding.inputs import encode
 from veridical.decoding.method import RowInfo
 from veridical.decoding.methods.pai import PAIEdit, mapped_start
 
-REFERENCE = {"image_keys": None, "alpha": 0.0, "layers": set()}
+REFERENCE = {"image_keys": None, "alpha": 0.0, "layers": set(), "head_scale": {}}
 
 
 def eager_pai_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -34,7 +34,11 @@ def eager_pai_attention(module, query, key, value, attention_mask, dropout=0.0, 
         last = w[:, :, -1, :]
         w[:, :, -1, :] = torch.where(cols, last + REFERENCE["alpha"] * last.abs(), last)
     p = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(p, v).transpose(1, 2).contiguous(), p
+    out = torch.matmul(p, v).transpose(1, 2).contiguous()  # (B, q, H, D)
+    scale = REFERENCE["head_scale"].get(module.layer_idx)
+    if scale is not None:  # VHR: selected heads' outputs at the generating position, x alpha
+        out[:, -1] = out[:, -1] * scale[:, :, None]
+    return out, p
 
 
 AttentionInterface.register("test_eager_pai", eager_pai_attention)
@@ -119,3 +123,97 @@ def test_pai_composes_with_vcd_and_edits_only_the_real_rows(images, prompts):
     alone = [engine.generate(i, p, method="pai+vcd", **kw).token_ids for i, p in zip(images, prompts)]
     assert [r.token_ids for r in both] == alone
     assert engine.model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+def test_vhr_selection_and_scaling_equal_a_direct_computation(images, prompts):
+    """VHD from separate image / text-only forwards captured in the test, the paper's
+    selection rule written out here, and the scaling applied by the eager reference."""
+    from veridical.decoding.method import Request
+    from veridical.decoding.methods.vhr import VHR, VHREdit, vhr_layers
+
+    engine = tiny_engine("llava")
+    decoder = engine.adapter.decoder_layers(engine.model)
+    n_layers, heads = len(decoder), engine.model.config.text_config.num_attention_heads
+    layers = vhr_layers(n_layers)
+    requests = [Request(i, p) for i, p in zip(images, prompts)]
+    data = VHR(alpha=2.0).prepare(engine, requests)["vhr_scale"]  # (n, layers, H)
+
+    expected = []
+    for image, prompt in zip(images, prompts):  # one request at a time, no batching
+        outs = {}
+        for key, img in (("image", image), ("text", None)):
+            got = {}
+            hooks = [decoder[l].self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a, l=l: got.__setitem__(l, a[0][0, -1].view(heads, -1)))
+                for l in layers]
+            with torch.inference_mode():
+                engine.model(**encode(engine.processor, img, prompt))
+            for h in hooks:
+                h.remove()
+            outs[key] = got
+        per_layer = []
+        for l in layers:
+            vhd = (outs["image"][l] - outs["text"][l]).norm(dim=-1)
+            tn = outs["text"][l].norm(dim=-1)
+            out = (vhd > vhd.mean() + vhd.std()) & (tn > tn.mean() + tn.std())
+            vhd = torch.where(out, 0.0, vhd)
+            per_layer.append(torch.where(vhd > vhd.median(), 2.0, 1.0))
+        expected.append(torch.stack(per_layer))
+    assert torch.equal(data, torch.stack(expected))
+    assert ((data == 2.0).sum(-1) > 0).all()  # some heads selected in every layer
+
+    batch = engine.collate([encode(engine.processor, i, p) for i, p in zip(images, prompts)])
+    image_id = engine.adapter.image_token_id(engine.model.config)
+    REFERENCE.update(image_keys=batch["input_ids"] == image_id, layers=set(),
+                     head_scale={l: data[:, i] for i, l in enumerate(layers)})
+    engine.model.set_attn_implementation({"text_config": "test_eager_pai"})
+    try:
+        ref = run_two_steps(engine, batch, [], image_id)
+    finally:
+        engine.model.set_attn_implementation({"text_config": "sdpa"})
+        REFERENCE["head_scale"] = {}
+    info = RowInfo(["main"], n_slots=4)
+    previous = use_edits(engine.model, True)
+    try:
+        rows = _Rows(engine.model, dict(batch), engine._cache_kw, info, image_id,
+                     [VHREdit(layers)], {"vhr_scale": data})
+        first = rows.prefill()
+        second = rows.step(first.argmax(-1))
+    finally:
+        restore(engine.model, previous)
+    assert (first - ref[0]).abs().max() <= 1e-5 and (second - ref[1]).abs().max() <= 1e-5
+
+
+def test_vhr_head_set_stays_fixed_during_decoding(images, prompts, monkeypatch):
+    from veridical.decoding.methods import vhr
+
+    seen, prepared = [], []
+    real_scale, real_prepare = vhr.VHREdit.head_scale, vhr.VHR.prepare
+    monkeypatch.setattr(vhr.VHREdit, "head_scale",
+                        lambda self, layer, plan: seen.append(real_scale(self, layer, plan).clone())
+                        or seen[-1])
+    monkeypatch.setattr(vhr.VHR, "prepare",
+                        lambda self, e, r: prepared.append(1) or real_prepare(self, e, r))
+    engine = tiny_engine("llava")
+    engine.generate(images[0], prompts[0], method="vhr", max_new_tokens=5)
+    n_layers = len(vhr.vhr_layers(len(engine.adapter.decoder_layers(engine.model))))
+    assert prepared == [1] and len(seen) == 5 * n_layers
+    for step in range(1, 5):
+        for i in range(n_layers):
+            assert torch.equal(seen[step * n_layers + i], seen[i])
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+def test_vhr_strength_zero_and_batch_invariance(arch, images, prompts):
+    engine = tiny_engine(arch)
+    base = engine.generate(images, prompts, max_new_tokens=6)
+    off = engine.generate(images, prompts, method="vhr", method_args={"alpha": 1.0},
+                          max_new_tokens=6)
+    assert [r.token_ids for r in off] == [r.token_ids for r in base]
+    for kw in (dict(max_new_tokens=6), dict(max_new_tokens=6, do_sample=True, seed=[1, 2, 3, 4]),
+               dict(max_new_tokens=5, num_beams=2)):
+        batch = engine.generate(images, prompts, method="vhr+vcd", **kw)
+        seeds = kw.get("seed", [None] * 4)
+        alone = [engine.generate(i, p, method="vhr+vcd", **{**kw, "seed": s}).token_ids
+                 for i, p, s in zip(images, prompts, seeds)]
+        assert [r.token_ids for r in batch] == alone

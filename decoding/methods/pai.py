@@ -35,8 +35,8 @@ class PAIEdit(AttentionEdit):
     def layers(self) -> set[int]:
         return self._layers
 
-    def edit_logits(self, layer, logits, image_keys):
-        return pai_logits(logits, image_keys, self.alpha)
+    def edit_logits(self, layer, logits, plan):
+        return pai_logits(logits, plan.keys().to(logits.device), self.alpha)
 
 
 @register
