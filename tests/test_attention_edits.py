@@ -142,19 +142,20 @@ def test_vhr_selection_and_scaling_equal_a_direct_computation(images, prompts):
     for image, prompt in zip(images, prompts):  # one request at a time, no batching
         outs = {}
         for key, img in (("image", image), ("text", None)):
-            got = {}
-            hooks = [decoder[l].self_attn.o_proj.register_forward_pre_hook(
-                lambda m, a, l=l: got.__setitem__(l, a[0][0, -1].view(heads, -1)))
-                for l in layers]
+            got: dict[int, torch.Tensor] = {}
+            hooks = [decoder[layer].self_attn.o_proj.register_forward_pre_hook(
+                lambda m, a, layer=layer, got=got: got.__setitem__(
+                    layer, a[0][0, -1].view(heads, -1)))
+                for layer in layers]
             with torch.inference_mode():
                 engine.model(**encode(engine.processor, img, prompt))
             for h in hooks:
                 h.remove()
             outs[key] = got
         per_layer = []
-        for l in layers:
-            vhd = (outs["image"][l] - outs["text"][l]).norm(dim=-1)
-            tn = outs["text"][l].norm(dim=-1)
+        for layer in layers:
+            vhd = (outs["image"][layer] - outs["text"][layer]).norm(dim=-1)
+            tn = outs["text"][layer].norm(dim=-1)
             out = (vhd > vhd.mean() + vhd.std()) & (tn > tn.mean() + tn.std())
             vhd = torch.where(out, 0.0, vhd)
             per_layer.append(torch.where(vhd > vhd.median(), 2.0, 1.0))
@@ -165,7 +166,7 @@ def test_vhr_selection_and_scaling_equal_a_direct_computation(images, prompts):
     batch = engine.collate([encode(engine.processor, i, p) for i, p in zip(images, prompts)])
     image_id = engine.adapter.image_token_id(engine.model.config)
     REFERENCE.update(image_keys=batch["input_ids"] == image_id, layers=set(),
-                     head_scale={l: data[:, i] for i, l in enumerate(layers)})
+                     head_scale={layer: data[:, i] for i, layer in enumerate(layers)})
     engine.model.set_attn_implementation({"text_config": "test_eager_pai"})
     try:
         ref = run_two_steps(engine, batch, [], image_id)
