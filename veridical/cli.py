@@ -109,6 +109,23 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_rows(args: argparse.Namespace, rows: list[dict], title: str,
+                columns: list[tuple[str, Any]]) -> None:
+    """Rows as JSON (``--json``) or as a table with ``(header, cell function)`` columns."""
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    import torch
+
+    table = Table(title=f"{title}, {args.model}, greedy, {args.max_new_tokens} new tokens, "
+                        f"torch threads {torch.get_num_threads()}")
+    for header, _ in columns:
+        table.add_column(header, justify="right")
+    for r in rows:
+        table.add_row(*(cell(r) for _, cell in columns))
+    console.print(table)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -119,17 +136,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     engine = veridical.load(args.model, device=args.device)
     rows = bench_engine(engine, args.batch_size, args.max_new_tokens, args.repeats)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    table = Table(title=f"engine vs transformers generate, {args.model}, greedy, "
-                        f"{args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}")
-    for col in ("batch", "engine tok/s", "HF tok/s", "time/token ratio (engine/HF)"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["batch_size"]), f"{r['engine_tokens_per_s']:.1f}",
-                      f"{r['hf_tokens_per_s']:.1f}", f"{r['time_ratio']:.3f}")
-    console.print(table)
+    _print_rows(args, rows, "engine vs transformers generate", [
+        ("batch", lambda r: str(r["batch_size"])),
+        ("engine tok/s", lambda r: f"{r['engine_tokens_per_s']:.1f}"),
+        ("HF tok/s", lambda r: f"{r['hf_tokens_per_s']:.1f}"),
+        ("time/token ratio (engine/HF)", lambda r: f"{r['time_ratio']:.3f}"),
+    ])
+    return 0
+
+
+def cmd_bench_methods(args: argparse.Namespace) -> int:
+    import veridical
+
+    from .bench import bench_methods
+
+    engine = veridical.load(args.model, device=args.device)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    rows = bench_methods(engine, args.batch_size, methods, args.max_new_tokens, args.repeats)
+    _print_rows(args, rows, "per-token time vs baseline", [
+        ("batch", lambda r: str(r["batch_size"])),
+        ("method", lambda r: r["method"]),
+        ("tok/s", lambda r: f"{r['tokens_per_s']:.1f}"),
+        ("time/token vs none", lambda r: f"{r['time_per_token_ratio']:.2f}x"),
+    ])
     return 0
 
 
@@ -138,30 +167,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     run_demo(args.model, args.output, args.quick, methods=methods)
-    return 0
-
-
-def cmd_bench_methods(args: argparse.Namespace) -> int:
-    import torch
-
-    import veridical
-
-    from .bench import bench_methods
-
-    engine = veridical.load(args.model, device=args.device)
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    rows = bench_methods(engine, args.batch_size, methods, args.max_new_tokens, args.repeats)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    table = Table(title=f"per-token time vs baseline, {args.model}, greedy, "
-                        f"{args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}")
-    for col in ("batch", "method", "tok/s", "time/token vs none"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["batch_size"]), r["method"], f"{r['tokens_per_s']:.1f}",
-                      f"{r['time_per_token_ratio']:.2f}x")
-    console.print(table)
     return 0
 
 
