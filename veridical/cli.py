@@ -230,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommands through add_subcommands(subparsers).
-_PLUGINS = ("veridical.evals.score_cli", "veridical.evals.synthcoco", "veridical.evals.runner")
+_PLUGINS = (
+    "veridical.evals.score_cli",
+    "veridical.evals.synthcoco",
+    "veridical.evals.runner",
+    "veridical.heads.cli",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
