@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from veridical.heads.scores import head_norms, vhd
+
 from ..attention import AttentionEdit
 from ..method import Method, Param, Request
 from ..registry import register
-
-
-def vhd_scores(image_heads: torch.Tensor, text_heads: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """VHD and text-only norm per head from head outputs (..., H, D) -> (..., H) each."""
-    return (image_heads - text_heads).norm(dim=-1), text_heads.norm(dim=-1)
 
 
 def select_heads(vhd: torch.Tensor, text_norm: torch.Tensor) -> torch.Tensor:
@@ -48,7 +44,7 @@ def last_position_head_outputs(engine, requests: list[Request], layers: list[int
     from ..engine import _prefill_positions
 
     decoder = engine.adapter.decoder_layers(engine.model)
-    heads = engine.adapter.text_config(engine.model.config).num_attention_heads
+    heads = engine.adapter.text_config(engine.model.config).num_attention_heads  # query heads
     captured: dict[int, torch.Tensor] = {}
 
     def capture(layer):
@@ -103,8 +99,8 @@ class VHR(Method):
         n = len(requests)
         scales = []
         for layer in layers:
-            vhd, text_norm = vhd_scores(outputs[layer][:n], outputs[layer][n:])
-            selected = select_heads(vhd, text_norm)  # (n, H)
+            image_heads, text_heads = outputs[layer][:n], outputs[layer][n:]
+            selected = select_heads(vhd(image_heads, text_heads), head_norms(text_heads))
             scales.append(torch.where(selected, self.args["alpha"], 1.0))
         return {"vhr_scale": torch.stack(scales, dim=1)}  # (n, layers, H)
 
