@@ -17,3 +17,7 @@ def test_demo_quick(tmp_path, monkeypatch, capsys):
         assert 0 <= r["random_acc"] <= 1 and 0 <= r["chair_i"] <= 1
     assert "veridical demo" in capsys.readouterr().out
     assert (out / "vcd" / "pope-adversarial" / "results.json").is_file()
+    intervals = json.loads((out / "demo.json").read_text())["intervals"]
+    f1 = intervals["vcd"]["adversarial_f1"]
+    assert f1["ci"][0] <= f1["value"] <= f1["ci"][1] and "diff_ci" in f1
+    assert "diff" not in intervals["none"]["chair_i"]

@@ -166,7 +166,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    run_demo(args.model, args.output, args.quick, methods=methods)
+    run_demo(args.model, args.output, args.quick, args.pope_questions, args.chair_images,
+             args.batch_size, methods, args.bootstrap)
     return 0
 
 
@@ -218,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo", help="results folder (rerun to resume)")
     demo.add_argument("--quick", action="store_true", help="a few items only (for CI)")
     demo.add_argument("--methods", default=None, help="comma list (default: all applicable)")
+    demo.add_argument("--pope-questions", type=int, default=600, help="per POPE split")
+    demo.add_argument("--chair-images", type=int, default=100)
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--bootstrap", type=int, default=1000,
+                      help="bootstrap draws for the interval table (0 = none)")
     demo.set_defaults(func=cmd_demo)
 
     for module in _PLUGINS:

@@ -35,9 +35,46 @@ def _eval(argv: list[str], engine) -> dict:
     return evaluate(args, engine=engine, quiet=True)
 
 
+def intervals(output: str, names: list[str], draws: int = 1000) -> dict[str, dict]:
+    """Per method: value [95% CI] and paired difference to ``none`` [95% CI] of POPE random
+    and adversarial F1 and accuracy and of CHAIR_s / CHAIR_i (image-level bootstrap)."""
+    from .evals import stats
+    from .evals.runner import _samples
+
+    folder = Path(output)
+    out: dict[str, dict] = {n: {} for n in names}
+    for split in ("random", "adversarial"):
+        counts = [stats.pope_counts(_samples(str(folder / n / f"pope-{split}")), None)
+                  for n in names]
+        for n, row in zip(names, stats.bootstrap(counts, stats.pope_metrics, draws)):
+            out[n][f"{split}_f1"], out[n][f"{split}_acc"] = row["f1"], row["accuracy"]
+    per_caption = [json.loads((folder / n / "chair" / "results.json").read_text())
+                   ["metrics"]["per_caption"] for n in names]
+    counts = [stats.chair_counts(p) for p in per_caption]
+    for n, row in zip(names, stats.bootstrap(counts, stats.chair_metrics, draws)):
+        out[n].update(chair_s=row["chair_s"], chair_i=row["chair_i"], recall=row["recall"])
+    return out
+
+
+def markdown(ci: dict[str, dict]) -> str:
+    """The interval table as markdown (value [CI], and for methods the paired difference)."""
+    keys = ("random_f1", "adversarial_f1", "adversarial_acc", "chair_s", "chair_i", "recall")
+    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, row in ci.items():
+        cells = []
+        for k in keys:
+            e = row[k]
+            text = f"{e['value']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
+            if "diff" in e:
+                text += f"<br>Δ {e['diff']:+.3f} [{e['diff_ci'][0]:+.3f}, {e['diff_ci'][1]:+.3f}]"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_demo(model: str | None = None, output: str = "runs/demo", quick: bool = False,
              pope_questions: int = 600, chair_images: int = 100, batch_size: int = 32,
-             methods: list[str] | None = None) -> list[dict]:
+             methods: list[str] | None = None, draws: int = 1000) -> list[dict]:
     import veridical
 
     from .bench import applicable_methods
@@ -78,6 +115,12 @@ def run_demo(model: str | None = None, output: str = "runs/demo", quick: bool = 
         table.add_row(*(f"{r[c]:.1f}" if c == "seconds" else f"{r[c]:.3f}"
                         if isinstance(r[c], float) else str(r[c]) for c in cols))
     console.print(table)
+    ci = intervals(output, names, draws) if draws else {}
+    if ci:
+        print("\n95% bootstrap intervals over images; Δ = paired difference to none:\n")
+        print(markdown(ci))
     Path(output).mkdir(parents=True, exist_ok=True)
-    (Path(output) / "demo.json").write_text(json.dumps({"model": ref, "rows": rows}, indent=2))
+    (Path(output) / "demo.json").write_text(
+        json.dumps({"model": ref, "pope_questions": pope_questions,
+                    "chair_images": chair_images, "rows": rows, "intervals": ci}, indent=2))
     return rows
