@@ -52,6 +52,24 @@ class AttentionEdit:
         """Per-head output factors (n, H) for the last query position, or None."""
         return None
 
+    def post_attention(self, layer: int, inputs: AttentionInputs, plan: EditPlan,
+                       out: torch.Tensor) -> torch.Tensor | None:
+        """Full control after the other edits: return a new output (B, q, H, D) or None.
+        For edits that need post-softmax weights of several query positions (VAR)."""
+        return None
+
+
+@dataclass
+class AttentionInputs:
+    """What the attention function received (query (B, H, q, D), key/value (B, Hkv, kv, D))."""
+
+    module: torch.nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float
+
 
 @dataclass
 class EditPlan:
@@ -61,6 +79,10 @@ class EditPlan:
     rows: torch.Tensor  # (R,) bool: rows the edits apply to
     image_keys: torch.Tensor  # (R, kv) bool: image-token keys of this forward (cache + new)
     row_data: dict[str, torch.Tensor] = field(default_factory=dict)  # (R, ...) per-row state
+    # (R, kv_past, ...) per-key state of the cached keys (e.g. VAR's sink flags), and the same
+    # for the keys of this forward, filled by hooks during it; the engine appends ``fresh``.
+    key_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    fresh: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.index = self.rows.nonzero().flatten()
@@ -73,6 +95,12 @@ class EditPlan:
     def data(self, name: str) -> torch.Tensor:
         """(n, ...) per-row state ``name`` of the edited rows (from ``Method.prepare``)."""
         return self.row_data[name][self.index]
+
+    def key_flags(self, name: str) -> torch.Tensor:
+        """(R, kv, ...) per-key state ``name`` over the cached keys and this forward's keys."""
+        fresh = self.fresh[name]
+        past = self.key_state.get(name)
+        return fresh if past is None else torch.cat([past, fresh], dim=1)
 
 
 _PLAN: ContextVar[EditPlan | None] = ContextVar("veridical_edit_plan", default=None)
@@ -114,18 +142,36 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
         scale = edit.head_scale(layer, plan)
         if scale is not None:
             out[idx, -1] = out[idx, -1] * scale.to(out.dtype)[:, :, None]
+    inputs = None
+    for edit in pre:
+        inputs = inputs or AttentionInputs(module, query, key, value, attention_mask,
+                                           scaling if scaling is not None else query.shape[-1] ** -0.5)
+        new = edit.post_attention(layer, inputs, plan, out)
+        if new is not None:
+            out = new
     return out, weights
 
 
 def _last_row_logits(module, query, key, attention_mask, scaling, idx) -> torch.Tensor:
     """Scaled, masked logits (n, H, 1, kv) of the last query position of rows ``idx``."""
+    return row_logits(module, query, key, attention_mask, scaling, idx, last_only=True)
+
+
+def row_logits(module, query, key, attention_mask, scaling, idx, last_only: bool = False
+               ) -> torch.Tensor:
+    """Scaled, masked logits (n, H, q, kv) of rows ``idx`` (all query positions, or the last),
+    masked keys at the dtype's minimum as the references' eager code."""
     groups = getattr(module, "num_key_value_groups", 1)
-    q = query[idx, :, -1:, :]  # (n, H, 1, D)
+    q = query[idx, :, -1:, :] if last_only else query[idx]  # (n, H, q, D)
     k = repeat_kv(key[idx], groups)  # (n, H, kv, D)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     logits = torch.matmul(q, k.transpose(2, 3)) * scale
+    if attention_mask is None:  # no padding: causal, queries aligned to the end of the keys
+        n_q, n_k = logits.shape[-2], logits.shape[-1]
+        causal = torch.ones(n_q, n_k, dtype=torch.bool, device=logits.device).tril(n_k - n_q)
+        return logits.masked_fill(~causal, torch.finfo(logits.dtype).min)
     if attention_mask is not None:
-        mask = attention_mask[idx][:, :, -1:, :]
+        mask = attention_mask[idx][:, :, -1:, :] if last_only else attention_mask[idx]
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
         else:

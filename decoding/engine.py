@@ -108,6 +108,7 @@ class _Rows:
         self.info = info  # which rows are which branch; hooks read it during forwards
         self.edits = edits or []
         self.row_data = row_data or {}  # (R, ...) per-row state for the edits
+        self.key_state: dict[str, torch.Tensor] = {}  # (R, L, ...) per-key state (edits' hooks)
         # (R, L) image-token keys, kept only when attention edits need them
         self.image_keys = (batch["input_ids"] == image_id if self.edits and image_id is not None
                            else None)
@@ -116,20 +117,30 @@ class _Rows:
         self.positions = _prefill_positions(model, batch)  # (..., R, T): batch dim is -2
         self.cache = None
 
-    def _plan(self):
+    def _plan(self) -> EditPlan | None:
         if not self.edits:
-            return plan_active(None)
+            return None
         keys = self.image_keys
         if keys is None:
             keys = torch.zeros_like(self.mask, dtype=torch.bool)
-        return plan_active(EditPlan(self.edits, self.info.mask("main"), keys, self.row_data))
+        return EditPlan(self.edits, self.info.mask("main"), keys, self.row_data, self.key_state)
+
+    def _forward(self, **inputs) -> Any:
+        """One model forward with the edit plan active; keeps the per-key state hooks wrote."""
+        plan = self._plan()
+        with plan_active(plan):
+            out = self.model(**inputs)
+        if plan is not None:
+            for name, fresh in plan.fresh.items():
+                past = self.key_state.get(name)
+                self.key_state[name] = fresh if past is None else torch.cat([past, fresh], 1)
+        return out
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
-        with self._plan():
-            out = self.model(
-                **self.batch, position_ids=self.positions, use_cache=True, logits_to_keep=1
-            )
+        out = self._forward(
+            **self.batch, position_ids=self.positions, use_cache=True, logits_to_keep=1
+        )
         self.batch = {}  # images are consumed; keep no reference
         self.cache = getattr(out, "cache", None) or out.past_key_values
         self.positions = self.positions[..., -1:]
@@ -143,14 +154,13 @@ class _Rows:
             self.image_keys = torch.cat(
                 [self.image_keys, self.image_keys.new_zeros(self.image_keys.shape[0], 1)], dim=-1)
         self.positions = self.positions + 1
-        with self._plan():
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=self.mask,
-                position_ids=self.positions,
-                use_cache=True,
-                **{self.cache_kw: self.cache},
-            )
+        out = self._forward(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            use_cache=True,
+            **{self.cache_kw: self.cache},
+        )
         return out.logits[:, -1, :].float()
 
     def select(self, index: torch.Tensor) -> None:
@@ -162,6 +172,7 @@ class _Rows:
         if self.image_keys is not None:
             self.image_keys = self.image_keys[index]
         self.row_data = {k: v[index] for k, v in self.row_data.items()}
+        self.key_state = {k: v[index] for k, v in self.key_state.items()}
         self.positions = self.positions.index_select(-2, index)
 
 

@@ -45,13 +45,15 @@ AttentionInterface.register("test_eager_pai", eager_pai_attention)
 AttentionMaskInterface.register("test_eager_pai", eager_mask)
 
 
-def run_two_steps(engine, batch, plan_edits, image_id):
-    """Prefill + one decode step through _Rows; returns both steps' logits."""
+def run_two_steps(engine, batch, plan_edits, image_id, ref=REFERENCE):
+    """Prefill + one decode step through _Rows; returns both steps' logits (the reference's
+    image keys grow by the decoded token)."""
     info = RowInfo(["main"], n_slots=batch["input_ids"].shape[0])
     rows = _Rows(engine.model, dict(batch), engine._cache_kw, info, image_id, plan_edits)
     first = rows.prefill()
-    REFERENCE["image_keys"] = torch.cat(
-        [REFERENCE["image_keys"], torch.zeros(first.shape[0], 1, dtype=torch.bool)], dim=-1)
+    if ref["image_keys"] is not None:
+        ref["image_keys"] = torch.cat(
+            [ref["image_keys"], torch.zeros(first.shape[0], 1, dtype=torch.bool)], dim=-1)
     second = rows.step(first.argmax(-1))
     return first, second
 
@@ -216,5 +218,123 @@ def test_vhr_strength_zero_and_batch_invariance(arch, images, prompts):
         batch = engine.generate(images, prompts, method="vhr+vcd", **kw)
         seeds = kw.get("seed", [None] * 4)
         alone = [engine.generate(i, p, method="vhr+vcd", **{**kw, "seed": s}).token_ids
+                 for i, p, s in zip(images, prompts, seeds)]
+        assert [r.token_ids for r in batch] == alone
+
+
+VAR_REF = {"image_keys": None, "sinks": {}, "p": 0.6, "rho": 0.5, "summ": 0.01}
+
+
+def eager_var_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                        **kwargs):
+    """VAR's rule written out per (row, head, query) on materialised eager weights."""
+    k = repeat_kv(key, module.num_key_value_groups)
+    v = repeat_kv(value, module.num_key_value_groups)
+    w = torch.matmul(query, k.transpose(2, 3)) * scaling + attention_mask
+    p = torch.softmax(w, dim=-1, dtype=torch.float32)
+    layer, n_layers = module.layer_idx, module.config.num_hidden_layers
+    if layer < n_layers - 1:
+        image = VAR_REF["image_keys"]
+        sink = VAR_REF["sinks"][layer]
+        B, H, Q, K = p.shape
+        for b in range(B):
+            img_pos = image[b].nonzero().flatten().tolist()
+            for qi in range(Q):
+                kpos = K - Q + qi
+                is_real = attention_mask[b, 0, qi, kpos] == 0
+                if Q > 1 and not (img_pos and kpos > max(img_pos) and is_real):
+                    continue
+                for h in range(H):
+                    row = p[b, h, qi]
+                    total = row[image[b]].sum()
+                    share = row[image[b] & sink[b]].sum() / total
+                    if not (share <= VAR_REF["rho"] and total >= VAR_REF["summ"]):
+                        continue
+                    moved = ~image[b] | sink[b]
+                    target = image[b] & ~sink[b]
+                    removed = (1 - VAR_REF["p"]) * row[moved].sum()
+                    new = row.clone()
+                    new[moved] = row[moved] * VAR_REF["p"]
+                    new[target] = row[target] + removed * row[target] / row[target].sum()
+                    p[b, h, qi] = new
+    return torch.matmul(p.to(v.dtype), v).transpose(1, 2).contiguous(), p
+
+
+AttentionInterface.register("test_eager_var", eager_var_attention)
+AttentionMaskInterface.register("test_eager_var", eager_mask)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+def test_var_equals_eager_reference_with_left_padding(arch, images, prompts):
+    from veridical.decoding.methods.var import VAR, VAREdit, sink_from_layer, sink_hooks
+    from veridical.heads.scores import effective_tau, rms_abs
+
+    engine = tiny_engine(arch)
+    batch = engine.collate([encode(engine.processor, i, p) for i, p in zip(images, prompts)])
+    image_id = engine.adapter.image_token_id(engine.model.config)
+    decoder = engine.adapter.decoder_layers(engine.model)
+    width = engine.adapter.text_config(engine.model.config).hidden_size
+    dims, tau = [3, 7], 10.0  # threshold 1.25 at width 64: some tokens are sinks, not all
+    threshold = effective_tau(tau, width)
+
+    # reference: sink flags from the test's own hooks on the layer inputs
+    flags: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(decoder))}
+
+    def capture(i):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            is_sink = (rms_abs(hidden)[..., dims] > threshold).any(-1)
+            first = sink_from_layer(len(decoder))
+            flags[i].append(is_sink if i >= first else torch.zeros_like(is_sink))
+            VAR_REF["sinks"][i] = torch.cat(flags[i], dim=1)
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True)
+             for i, layer in enumerate(decoder)]
+    VAR_REF.update(image_keys=batch["input_ids"] == image_id, sinks={})
+    engine.model.set_attn_implementation({"text_config": "test_eager_var"})
+    try:
+        ref = run_two_steps(engine, batch, [], image_id, VAR_REF)
+    finally:
+        engine.model.set_attn_implementation({"text_config": "sdpa"})
+        for h in hooks:
+            h.remove()
+    sinks = torch.cat([f.flatten() for f in VAR_REF["sinks"].values()])
+    assert 0 < sinks.float().mean() < 0.7  # sinks take part, and not every token is one
+
+    method = VAR(sink_dims="3,7", tau=tau, summ=0.01)
+    info = RowInfo(["main"], n_slots=4)
+    handles = method.install(engine, info)
+    previous = use_edits(engine.model, True)
+    try:
+        rows = _Rows(engine.model, dict(batch), engine._cache_kw, info, image_id,
+                     method.attention_edits(engine))
+        first = rows.prefill()
+        second = rows.step(first.argmax(-1))
+    finally:
+        restore(engine.model, previous)
+        for h in handles:
+            h.remove()
+    plain = run_two_steps(engine, batch, [], image_id, {"image_keys": None})
+    assert isinstance(method.attention_edits(engine)[0], VAREdit) and sink_hooks
+    for a, b, c in zip((first, second), ref, plain):
+        assert (a - b).abs().max() <= 1e-5
+        assert (a - c).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+def test_var_strength_zero_and_batch_invariance(arch, images, prompts):
+    engine = tiny_engine(arch)
+    args = {"sink_dims": "3,7", "tau": 10.0, "summ": 0.01}
+    base = engine.generate(images, prompts, max_new_tokens=6)
+    off = engine.generate(images, prompts, method="var", method_args={**args, "p": 1.0},
+                          max_new_tokens=6)
+    assert [r.token_ids for r in off] == [r.token_ids for r in base]
+    for kw in (dict(max_new_tokens=6), dict(max_new_tokens=6, do_sample=True, seed=[1, 2, 3, 4]),
+               dict(max_new_tokens=5, num_beams=2)):
+        batch = engine.generate(images, prompts, method="var", method_args=args, **kw)
+        seeds = kw.get("seed", [None] * 4)
+        alone = [engine.generate(i, p, method="var", method_args=args,
+                                 **{**kw, "seed": s}).token_ids
                  for i, p, s in zip(images, prompts, seeds)]
         assert [r.token_ids for r in batch] == alone

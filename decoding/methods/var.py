@@ -1,0 +1,175 @@
+"""``var``: Visual Attention Redistribution (seilk/VisAttnSink ``src/logic/logic.py``).
+
+Sink tokens: in layers >= 2 (of 32; mapped to the model's depth), a key token is a sink when its weightless-RMSNorm'd layer input
+``|h / rms(h)|`` exceeds ``tau`` on one of the model's massive-activation dimensions (found per
+model by the ``heads`` profiler, ``sink_dims="auto"``, not taken from a table; ``tau`` is scaled
+to the model's width as the profiler does, so 20 is VAR's value for 4096-wide models). A forward
+pre-hook on every decoder layer records the flags of each token as it is processed, so generated
+tokens can be sinks too.
+
+Redistribution, in every layer but the last, for the real-input rows: at prefill the text query
+positions after the image, at decode the new query. A (head, query) is image-centric when the
+sink share of its image attention is <= ``rho`` and its total image attention is >= ``summ``;
+there the weights of text and sink keys are multiplied by ``p`` and the removed mass
+``(1 - p) * (their sum)`` goes to the non-sink image keys in proportion to their weights. The
+reference's code uses ``rho`` and ``p`` as 1 minus the paper's (the author confirmed); the
+defaults here are the code's. ``p = 1`` is the baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from veridical.heads.scores import effective_tau, rms_abs
+
+from ..attention import _PLAN, AttentionEdit, row_logits
+from ..method import Method, Param
+from ..registry import register
+
+def sink_from_layer(n_layers: int) -> int:
+    """VAR looks for sinks from layer 2 of LLaMA's 32; mapped to the model's depth."""
+    return round(2 * n_layers / 32)
+
+
+def var_reweight(probs: torch.Tensor, image: torch.Tensor, sink: torch.Tensor,
+                 queries: torch.Tensor, p: float, rho: float, summ: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAR on post-softmax weights ``probs`` (n, H, q, kv) with key groups ``image``/``sink``
+    (n, kv) and the query positions to consider ``queries`` (n, q). Returns the new weights and
+    the (n, H, q) mask of the (head, query) pairs that were redistributed."""
+    img = image[:, None, None, :].to(probs.dtype)
+    img_sink = (image & sink)[:, None, None, :].to(probs.dtype)
+    moved = (~image | sink)[:, None, None, :]  # text keys and every sink
+    target = (image & ~sink)[:, None, None, :]
+    total_image = (probs * img).sum(-1)
+    share = (probs * img_sink).sum(-1) / total_image.clamp_min(1e-12)
+    centric = (share <= rho) & (total_image >= summ) & queries[:, None, :]
+    removed = (1 - p) * (probs * moved).sum(-1, keepdim=True)
+    target_mass = (probs * target).sum(-1, keepdim=True)
+    gain = torch.where(target_mass > 0, removed / target_mass.clamp_min(1e-30), 0.0)
+    new = torch.where(moved, probs * p, torch.where(target, probs * (1 + gain), probs))
+    has_target = target_mass[..., 0] > 0
+    changed = centric & has_target & (p != 1.0)
+    return torch.where(changed[..., None], new, probs), changed
+
+
+class VAREdit(AttentionEdit):
+    def __init__(self, n_layers: int, p: float, rho: float, summ: float):
+        self._layers = set(range(n_layers - 1))  # all but the last
+        self.p, self.rho, self.summ = p, rho, summ
+
+    def layers(self) -> set[int]:
+        return self._layers
+
+    def post_attention(self, layer, inputs, plan, out):
+        idx = plan.index.to(out.device)
+        logits = row_logits(inputs.module, inputs.query, inputs.key, inputs.attention_mask,
+                            inputs.scaling, idx)  # (n, H, q, kv)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        n_q, n_k = probs.shape[-2:]
+        image = plan.keys().to(out.device)
+        sink = plan.key_flags("var_sink")[plan.index, :, layer].to(out.device)
+        queries = _query_positions(inputs.attention_mask, idx, image, n_q, n_k)
+        new, changed = var_reweight(probs, image, sink, queries, self.p, self.rho, self.summ)
+        if not changed.any():
+            return None
+        groups = getattr(inputs.module, "num_key_value_groups", 1)
+        v = repeat_kv(inputs.value[idx], groups)
+        o = torch.matmul(new.to(v.dtype), v).transpose(1, 2)  # (n, q, H, D)
+        out = out.clone()
+        out[idx] = torch.where(changed.transpose(1, 2)[..., None], o, out[idx])
+        return out
+
+
+def _query_positions(mask, idx, image, n_q, n_k) -> torch.Tensor:
+    """(n, q): decode: the query; prefill: real (non-padding) text queries after the image."""
+    if n_q == 1:
+        return torch.ones(len(idx), 1, dtype=torch.bool, device=image.device)
+    positions = torch.arange(n_k - n_q, n_k, device=image.device)  # key index of each query
+    last_image = torch.where(image, torch.arange(n_k, device=image.device), -1).max(-1).values
+    after = positions[None, :] > last_image[:, None]
+    if mask is None:
+        return after & (last_image[:, None] >= 0)
+    real = mask[idx][:, 0, torch.arange(n_q), positions]  # a real query sees itself
+    if real.dtype != torch.bool:
+        real = real == 0
+    return after & real & (last_image[:, None] >= 0)
+
+
+def sink_hooks(engine, dims: list[int], tau: float) -> list:
+    """Forward pre-hooks that record per layer which tokens of each forward are sinks."""
+    layers = engine.adapter.decoder_layers(engine.model)
+    width = engine.adapter.text_config(engine.model.config).hidden_size
+    threshold = effective_tau(tau, width)
+    index = torch.tensor(dims, dtype=torch.long)
+    first = sink_from_layer(len(layers))
+
+    def hook(layer_idx):
+        def record(module, args, kwargs):
+            plan = _PLAN.get()
+            if plan is None:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]  # (R, T, D)
+            flags = plan.fresh.get("var_sink")
+            if flags is None:
+                flags = torch.zeros(*hidden.shape[:2], len(layers), dtype=torch.bool)
+                plan.fresh["var_sink"] = flags
+            if layer_idx >= first and len(dims):
+                phi = rms_abs(hidden)[..., index.to(hidden.device)]
+                flags[:, :, layer_idx] = (phi > threshold).any(-1).cpu()
+        return record
+
+    return [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
+            for i, layer in enumerate(layers)]
+
+
+@register
+class VAR(Method):
+    name = "var"
+    description = "Visual attention redistribution: move attention from sinks and text to the image."
+    is_argmax_invariant = False
+    params = (
+        Param("p", 0.6, "share kept by text and sink keys in image-centric heads (1 = off)",
+              low=0.0, high=1.0),
+        Param("rho", 0.5, "largest sink share of image attention for an image-centric head",
+              low=0.0, high=1.0),
+        Param("summ", 0.2, "smallest total image attention for an image-centric head",
+              low=0.0, high=1.0),
+        Param("tau", 20.0, "sink threshold on |RMSNorm(h)| (scaled to the model's width)",
+              low=0.0, low_open=True),
+        Param("sink_dims", "auto", "massive-activation dims: 'auto' (profile), 'none', or "
+              "comma-separated indices", type=str),
+    )
+
+    def _dims(self, engine) -> list[int]:
+        spec = self.args["sink_dims"].strip().lower()
+        if spec == "none":
+            return []
+        if spec == "auto":  # profiled once per engine (and cached on disk by fingerprint)
+            if not hasattr(engine, "_sink_dims"):
+                from veridical.heads import load_or_profile, sink_dims
+
+                engine._sink_dims = sink_dims(load_or_profile(engine))
+            return engine._sink_dims
+        try:
+            dims = [int(d) for d in spec.split(",") if d.strip()]
+        except ValueError:
+            raise ValueError(f"method 'var': parameter 'sink_dims' = {spec!r} is not 'auto', "
+                             "'none' or comma-separated integers") from None
+        width = engine.adapter.text_config(engine.model.config).hidden_size
+        if any(not 0 <= d < width for d in dims):
+            raise ValueError(f"method 'var': parameter 'sink_dims' = {spec!r} has dims outside "
+                             f"0..{width - 1} (the model's hidden size)")
+        return dims
+
+    def install(self, engine, rows):
+        if self.args["p"] == 1.0:
+            return []
+        return sink_hooks(engine, self._dims(engine), self.args["tau"])
+
+    def attention_edits(self, engine):
+        if self.args["p"] == 1.0:
+            return []
+        n_layers = len(engine.adapter.decoder_layers(engine.model))
+        return [VAREdit(n_layers, self.args["p"], self.args["rho"], self.args["summ"])]
