@@ -1,2 +1,99 @@
 """Attention kernels: a torch reference that is the specification, and fused Triton kernels for
-GPUs. Importing this package never requires triton or a GPU."""
+GPUs. Importing this package never requires triton or a GPU.
+
+``attention(q, k, v, *, scaling, key_padding, causal, pre_softmax, var, export, impl)`` returns
+``(out (B, Tq, H, D), probs | None)`` as transformers' attention functions do; the contract
+(layout, masking, each edit) is in :mod:`.reference`. ``impl``:
+
+- ``"triton"``: the fused kernel (:mod:`.triton_attention`): CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (tests);
+- ``"torch"``: PyTorch SDPA when nothing is edited or exported, else the torch reference;
+- ``"auto"``: ``"triton"`` for CUDA tensors (fp16/bf16/fp32, head_dim <= 256) when triton is
+  installed, else ``"torch"``.
+
+All routes agree up to the dtype's tolerance. :func:`reweight_attention_` is VAR's rule in place
+on weights a caller already holds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import (
+    IMAGE,
+    IMAGE_SINK,
+    TEXT,
+    TEXT_SINK,
+    VAR,
+    Export,
+    PreSoftmax,
+    check_inputs,
+    edited_attention,
+    reweight_attention_,
+    visible_keys,
+)
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def _triton_serves(q: torch.Tensor) -> bool:
+    """Whether ``impl="auto"`` sends ``q`` to the fused kernel (imports triton only for CUDA)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if q.dim() != 4 or q.shape[-1] > 256:
+        return False
+    from .triton_attention import TRITON_AVAILABLE
+
+    return TRITON_AVAILABLE
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                   scaling: float | None = None, key_padding: torch.Tensor | None = None,
+                   causal: bool = True) -> torch.Tensor:
+    """Unedited attention through PyTorch SDPA with the reference's masking; (B, Tq, H, D).
+
+    Query rows that see no key give zeros, as in the reference.
+    """
+    c = check_inputs(q, k, v, scaling=scaling, key_padding=key_padding, pre_softmax=None,
+                     var=None, export=None)
+    gqa = c.H != c.Hkv
+    if key_padding is None and (not causal or c.Tq in (1, c.Tk)):
+        # the fast paths: no mask tensor (decode sees every key; prefill is square-causal)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal and c.Tq > 1, scale=c.scaling, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    visible = visible_keys(c.B, c.Tq, c.Tk, key_padding, causal, q.device)  # (B, 1, Tq, Tk)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible,
+                                                           scale=c.scaling, enable_gqa=gqa)
+    seen = visible.any(-1).transpose(1, 2)[..., None]  # (B, Tq, 1, 1)
+    return torch.where(seen, out.transpose(1, 2), torch.zeros((), dtype=out.dtype,
+                                                              device=out.device))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float | None = None,
+              key_padding: torch.Tensor | None = None, causal: bool = True,
+              pre_softmax: PreSoftmax | None = None, var: VAR | None = None,
+              export: Export | None = None, impl: str = "auto"
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Edited attention routed to the fused kernel, SDPA or the torch reference (see module)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if _triton_serves(q) else "torch"
+    if impl == "triton":
+        from .triton_attention import edited_attention_triton
+
+        return edited_attention_triton(q, k, v, scaling=scaling, key_padding=key_padding,
+                                       causal=causal, pre_softmax=pre_softmax, var=var,
+                                       export=export)
+    if pre_softmax is None and var is None and export is None:
+        return sdpa_attention(q, k, v, scaling=scaling, key_padding=key_padding,
+                              causal=causal), None
+    return edited_attention(q, k, v, scaling=scaling, key_padding=key_padding, causal=causal,
+                            pre_softmax=pre_softmax, var=var, export=export)
+
+
+__all__ = [
+    "IMAGE", "IMAGE_SINK", "IMPLS", "TEXT", "TEXT_SINK", "VAR", "Export", "PreSoftmax",
+    "attention", "edited_attention", "reweight_attention_", "sdpa_attention",
+]

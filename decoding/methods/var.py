@@ -27,6 +27,7 @@ from ..attention import _PLAN, AttentionEdit, row_logits
 from ..method import Method, Param
 from ..registry import register
 
+
 def sink_from_layer(n_layers: int) -> int:
     """VAR looks for sinks from layer 2 of LLaMA's 32; mapped to the model's depth."""
     return round(2 * n_layers / 32)
