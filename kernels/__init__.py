@@ -29,6 +29,7 @@ from .reference import (
     PreSoftmax,
     check_inputs,
     edited_attention,
+    key_groups,
     reweight_attention_,
     visible_keys,
 )
@@ -95,5 +96,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: flo
 
 __all__ = [
     "IMAGE", "IMAGE_SINK", "IMPLS", "TEXT", "TEXT_SINK", "VAR", "Export", "PreSoftmax",
-    "attention", "edited_attention", "reweight_attention_", "sdpa_attention",
+    "attention", "edited_attention", "key_groups", "reweight_attention_", "sdpa_attention",
 ]

@@ -239,6 +239,8 @@ def eager_var_attention(module, query, key, value, attention_mask, dropout=0.0, 
         B, H, Q, K = p.shape
         for b in range(B):
             img_pos = image[b].nonzero().flatten().tolist()
+            if not (image[b] & sink[b]).any():  # no image sink in this layer: no head forked
+                continue
             for qi in range(Q):
                 kpos = K - Q + qi
                 is_real = attention_mask[b, 0, qi, kpos] == 0
@@ -247,10 +249,10 @@ def eager_var_attention(module, query, key, value, attention_mask, dropout=0.0, 
                 for h in range(H):
                     row = p[b, h, qi]
                     total = row[image[b]].sum()
-                    share = row[image[b] & sink[b]].sum() / total
+                    share = row[image[b] & sink[b]].sum() / (total + 1e-6)
                     if not (share <= VAR_REF["rho"] and total >= VAR_REF["summ"]):
                         continue
-                    moved = ~image[b] | sink[b]
+                    moved = sink[b]  # text sinks and image sinks
                     target = image[b] & ~sink[b]
                     removed = (1 - VAR_REF["p"]) * row[moved].sum()
                     new = row.clone()

@@ -8,12 +8,14 @@ pre-hook on every decoder layer records the flags of each token as it is process
 tokens can be sinks too.
 
 Redistribution, in every layer but the last, for the real-input rows: at prefill the text query
-positions after the image, at decode the new query. A (head, query) is image-centric when the
-sink share of its image attention is <= ``rho`` and its total image attention is >= ``summ``;
-there the weights of text and sink keys are multiplied by ``p`` and the removed mass
-``(1 - p) * (their sum)`` goes to the non-sink image keys in proportion to their weights. The
-reference's code uses ``rho`` and ``p`` as 1 minus the paper's (the author confirmed); the
-defaults here are the code's. ``p = 1`` is the baseline.
+positions after the image, at decode the new query. As the reference code does: only in layers
+where the row has at least one image sink, a (head, query) is image-centric when the sink share
+of its image attention is <= ``rho`` and its total image attention is >= ``summ``; there the
+weights of the SINK keys (text sinks and image sinks; other text keys are left alone, which
+methods.md's "text and sink weights" wording leaves ambiguous) are multiplied by ``p`` and the
+removed mass ``(1 - p) * (their sum)`` goes to the non-sink image keys in proportion to their
+weights. The reference's code uses ``rho`` and ``p`` as 1 minus the paper's (the author
+confirmed); the defaults here are the code's. ``p = 1`` is the baseline.
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ def var_reweight(probs: torch.Tensor, image: torch.Tensor, sink: torch.Tensor,
     the (n, H, q) mask of the (head, query) pairs that were redistributed."""
     img = image[:, None, None, :].to(probs.dtype)
     img_sink = (image & sink)[:, None, None, :].to(probs.dtype)
-    moved = (~image | sink)[:, None, None, :]  # text keys and every sink
+    moved = sink[:, None, None, :]  # every sink key, text or image
     target = (image & ~sink)[:, None, None, :]
     total_image = (probs * img).sum(-1)
-    share = (probs * img_sink).sum(-1) / total_image.clamp_min(1e-12)
-    centric = (share <= rho) & (total_image >= summ) & queries[:, None, :]
+    share = (probs * img_sink).sum(-1) / (total_image + 1e-6)  # the reference's epsilon
+    has_image_sink = (image & sink).any(-1)[:, None, None]
+    centric = (share <= rho) & (total_image >= summ) & queries[:, None, :] & has_image_sink
     removed = (1 - p) * (probs * moved).sum(-1, keepdim=True)
     target_mass = (probs * target).sum(-1, keepdim=True)
     gain = torch.where(target_mass > 0, removed / target_mass.clamp_min(1e-30), 0.0)
