@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     meth_b.add_argument("--device", default=None)
     meth_b.add_argument("--json", action="store_true")
     meth_b.set_defaults(func=cmd_bench_methods)
+    for module in _BENCH_PLUGINS:
+        try:
+            add = __import__(module, fromlist=["add_bench"]).add_bench
+        except (ImportError, AttributeError):
+            continue
+        add(bench_sub)
 
     demo = sub.add_parser("demo", help="the main job: every method on the built-in model")
     demo.add_argument("--model", default=None, help="default: the built-in model")
@@ -234,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     return parser
 
+
+# Modules that add `veridical bench` subcommands through add_bench(bench_subparsers).
+_BENCH_PLUGINS = ("veridical.kernels.bench",)
 
 # Modules that add their own subcommands through add_subcommands(subparsers).
 _PLUGINS = (
