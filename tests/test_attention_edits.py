@@ -16,7 +16,8 @@ from veridical.decoding.inputs import encode
 from veridical.decoding.method import RowInfo
 from veridical.decoding.methods.pai import PAIEdit, mapped_start
 
-REFERENCE = {"image_keys": None, "alpha": 0.0, "layers": set(), "head_scale": {}}
+REFERENCE = {"image_keys": None, "alpha": 0.0, "layers": set(), "head_scale": {},
+             "key_factor": None}
 
 
 def eager_pai_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -32,7 +33,12 @@ def eager_pai_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if module.layer_idx in REFERENCE["layers"]:
         cols = REFERENCE["image_keys"][:, None, :]  # (B, 1, kv)
         last = w[:, :, -1, :]
-        w[:, :, -1, :] = torch.where(cols, last + REFERENCE["alpha"] * last.abs(), last)
+        if REFERENCE["key_factor"] is not None:  # FIA: a + factor[b, h, key] |a|
+            factor = REFERENCE["key_factor"][module.layer_idx]
+            factor = torch.nn.functional.pad(factor, (0, last.shape[-1] - factor.shape[-1]))
+            w[:, :, -1, :] = last + factor * last.abs()
+        else:
+            w[:, :, -1, :] = torch.where(cols, last + REFERENCE["alpha"] * last.abs(), last)
     p = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(p, v).transpose(1, 2).contiguous()  # (B, q, H, D)
     scale = REFERENCE["head_scale"].get(module.layer_idx)
@@ -340,3 +346,112 @@ def test_var_strength_zero_and_batch_invariance(arch, images, prompts):
                                  **{**kw, "seed": s}).token_ids
                  for i, p, s in zip(images, prompts, seeds)]
         assert [r.token_ids for r in batch] == alone
+
+
+def test_fia_token_selection_and_modulation_exact():
+    from veridical.decoding.methods.fia import head_modulation, select_tokens
+
+    early = torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.3, 0.05, 0.4, 0.6]])
+    late = torch.tensor([[1.0, 1.1, 0.9, 1.0, 9.0, 1.05, 0.95, 1.0]])
+    top, bottom = select_tokens(early, late, ratio=0.25)  # 2 of 8: patches 3 and 7
+    assert bottom.tolist() == [[False, False, False, False, True, False, False, False]]
+    assert top.tolist() == [[False, False, False, True, False, False, False, True]]
+    early2 = torch.tensor([[0.1, 0.5, 0.2, 0.3, 0.9, 0.05, 0.4, 0.6]])  # top-1 is an outlier
+    top2, _ = select_tokens(early2, late, ratio=0.25)
+    assert top2.tolist() == [[False, False, False, False, False, False, False, True]]
+    m = head_modulation(torch.tensor([[1.0, 3.0], [0.0, 0.0]]))
+    assert m.tolist() == [[0.5, 1.5], [1.0, 1.0]]
+
+
+def test_fia_equals_eager_reference_on_llava(images, prompts):
+    """CLS attention recomputed from the vision tower's eager attentions, the selection and the
+    per-head boost written out here, applied by the eager reference."""
+    from veridical.decoding.method import Request
+    from veridical.decoding.methods.fia import FIA, mapped_start, select_tokens
+
+    engine = tiny_engine("llava")
+    method = FIA(alpha=0.7, beta=0.3, head_modulation=False)
+    requests = [Request(i, p) for i, p in zip(images, prompts)]
+    data = method.prepare(engine, requests)
+
+    tower = engine.model.model.vision_tower
+    pixels = torch.cat([encode(engine.processor, i, p)["pixel_values"]
+                        for i, p in zip(images, prompts)])
+    tower.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            att = tower(pixel_values=pixels, output_attentions=True).attentions
+    finally:
+        tower.set_attn_implementation("sdpa")
+    early, late = att[0][:, :, 0, 1:].mean(1), att[-2][:, :, 0, 1:].mean(1)
+    top, bottom = select_tokens(early, late, 0.25)
+    assert torch.equal(data["fia_top"], top) and torch.equal(data["fia_bottom"], bottom)
+    assert top.any() and (top.sum(-1) <= 4).all()
+
+    batch = engine.collate([encode(engine.processor, i, p) for i, p in zip(images, prompts)])
+    image_id = engine.adapter.image_token_id(engine.model.config)
+    image = batch["input_ids"] == image_id
+    n_layers = len(engine.adapter.decoder_layers(engine.model))
+    heads = engine.model.config.text_config.num_attention_heads
+    layers = range(mapped_start(n_layers), n_layers)
+    per_key = torch.zeros(image.shape)  # (B, kv): 0.7 on top, 0.3 on bottom image tokens
+    for b in range(image.shape[0]):
+        positions = image[b].nonzero().flatten()
+        per_key[b, positions] = 0.7 * top[b].float() + 0.3 * bottom[b].float()
+    factor = per_key[:, None, :].expand(-1, heads, -1)
+    REFERENCE.update(image_keys=image.clone(), layers=set(layers),
+                     key_factor={layer: factor for layer in layers})
+    engine.model.set_attn_implementation({"text_config": "test_eager_pai"})
+    try:
+        ref = run_two_steps(engine, batch, [], image_id)
+    finally:
+        engine.model.set_attn_implementation({"text_config": "sdpa"})
+        REFERENCE["key_factor"] = None
+    info = RowInfo(["main"], n_slots=4)
+    previous = use_edits(engine.model, True)
+    try:
+        rows = _Rows(engine.model, dict(batch), engine._cache_kw, info, image_id,
+                     method.attention_edits(engine), data)
+        first = rows.prefill()
+        second = rows.step(first.argmax(-1))
+    finally:
+        restore(engine.model, previous)
+    plain = run_two_steps(engine, batch, [], image_id, {"image_keys": None})
+    for a, b, c in zip((first, second), ref, plain):
+        assert (a - b).abs().max() <= 1e-5
+        assert (a - c).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+def test_fia_strength_zero_and_batch_invariance(arch, images, prompts):
+    engine = tiny_engine(arch)
+    base = engine.generate(images, prompts, max_new_tokens=6)
+    off = engine.generate(images, prompts, method="fia",
+                          method_args={"alpha": 0.0, "beta": 0.0}, max_new_tokens=6)
+    assert [r.token_ids for r in off] == [r.token_ids for r in base]
+    args = {"head_modulation": False}
+    for kw in (dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=2)):
+        batch = engine.generate(images, prompts, method="fia", method_args=args, **kw)
+        alone = [engine.generate(i, p, method="fia", method_args=args, **kw).token_ids
+                 for i, p in zip(images, prompts)]
+        assert [r.token_ids for r in batch] == alone
+
+
+def test_fia_head_modulation_reads_the_profile(monkeypatch):
+    import veridical.heads as heads
+
+    engine = tiny_engine("llava")
+    n_layers = len(engine.adapter.decoder_layers(engine.model))
+    sens = [[1.0, 3.0, 2.0, 2.0]] * n_layers
+    calls = []
+    monkeypatch.setattr(heads, "load_or_profile",
+                        lambda e: calls.append(1) or {"scores": {"visual_sensitivity": sens}})
+    monkeypatch.delattr(engine, "_visual_sensitivity", raising=False)
+    from veridical.decoding.methods.fia import FIA
+
+    (edit,) = FIA().attention_edits(engine)
+    assert edit.alpha[0].tolist() == pytest.approx([0.35, 1.05, 0.7, 0.7])
+    assert edit.beta[0].tolist() == pytest.approx([0.15, 0.45, 0.3, 0.3])
+    FIA().attention_edits(engine)
+    assert calls == [1]  # profiled once per engine
+    monkeypatch.delattr(engine, "_visual_sensitivity")

@@ -1,0 +1,182 @@
+"""``fia``: Fixing Imbalanced Attention (hasanar1f/llava-hallunication-fix, ``modPAI``).
+
+Dual-stream token selection, once per request (``prepare``), from the vision tower's attention
+of its CLS token to the patches (captured with forward hooks on ``q_proj``/``k_proj``, mean over
+heads):
+- ``top``: the ``ratio`` (25%) image tokens with the highest CLS attention in ViT layer 0;
+- ``bottom``: IQR outliers (``> Q3 + 1.5 IQR``) of the CLS attention in ViT layer -2, removed
+  from ``top``.
+Edit (through the ``veridical`` attention function): on the pre-softmax logits of the last query
+position, layers ``start_layer .. L-1`` (the reference: 2..31 of 32; mapped to depth),
+``a += alpha_h * |a|`` on top keys and ``a += beta_h * |a|`` on bottom keys.
+
+Head-specific modulation (the paper's idea; not in the released code, so implemented here from
+the paper): ``alpha_h = alpha * m_h`` and ``beta_h = beta * m_h`` with ``m_h`` = the head's
+visual sensitivity from the ``heads`` profile divided by its layer's mean (mean 1, so the
+layer's total boost is unchanged while visually sensitive heads get more); ``head_modulation=
+false`` uses ``m_h = 1``. Optional PAI-style guidance: ``gamma`` (1 = off; the paper's option 2).
+
+Fallback for vision towers without a CLS token whose patches map one-to-one to image tokens
+(Qwen-VL's merged patches, LLaVA-NeXT's tiles and newline tokens): no CLS attention exists, so
+every image token counts as ``top`` (the edit becomes PAI's boost with FIA's head modulation),
+and the run logs this once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..attention import AttentionEdit
+from ..method import Param
+from ..registry import register
+from .pai import PAI, mapped_start
+
+logger = logging.getLogger(__name__)
+CLS_TOWER_FAMILIES = ("llava",)
+
+
+def select_tokens(early: torch.Tensor, late: torch.Tensor, ratio: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, P) CLS->patch attention of an early and a late ViT layer -> (top, bottom) masks."""
+    n, patches = early.shape
+    k = max(1, round(ratio * patches))
+    top = torch.zeros_like(early, dtype=torch.bool)
+    top.scatter_(1, early.topk(k, dim=-1).indices, True)
+    q1, q3 = torch.quantile(late.float(), torch.tensor([0.25, 0.75]), dim=-1, keepdim=True)
+    bottom = late > q3 + 1.5 * (q3 - q1)
+    return top & ~bottom, bottom
+
+
+def fia_logits(logits: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor,
+               alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``a + alpha_h |a|`` on top keys, ``a + beta_h |a|`` on bottom keys; logits (n, H, q, kv),
+    top/bottom (n, kv) bool, alpha/beta (H,)."""
+    factor = (top[:, None, :] * alpha[None, :, None] + bottom[:, None, :] * beta[None, :, None])
+    return logits + factor[:, :, None, :].to(logits.dtype) * logits.abs()
+
+
+def cls_attention(engine, requests, layers: tuple[int, int]) -> list[torch.Tensor]:
+    """Per ViT layer in ``layers``: (n, P) attention of CLS to each patch, mean over heads."""
+    tower = engine.model.model.vision_tower
+    blocks = tower.encoder.layers
+    wanted = [layer % len(blocks) for layer in layers]
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    for layer in wanted:
+        attn = blocks[layer].self_attn
+        for name in ("q_proj", "k_proj"):
+            handles.append(getattr(attn, name).register_forward_hook(
+                lambda m, a, out, key=(layer, name): captured.__setitem__(key, out.detach())))
+    rows = [engine._encode(r) for r in requests]
+    pixels = torch.cat([r["pixel_values"] for r in rows]).to(engine.device, engine.model.dtype)
+    try:
+        with torch.inference_mode():
+            tower(pixel_values=pixels)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for layer in wanted:
+        attn = blocks[layer].self_attn
+        q, k = captured[(layer, "q_proj")], captured[(layer, "k_proj")]  # (n, T, E)
+        heads = attn.num_heads
+        q = q.view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2).float()
+        k = k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2).float()
+        weights = torch.softmax(q[:, :, :1] @ k.transpose(2, 3) * attn.scale, dim=-1)
+        out.append(weights[:, :, 0, 1:].mean(1))  # CLS row, patches only, mean over heads
+    return out
+
+
+class FIAEdit(AttentionEdit):
+    def __init__(self, layers: range, alpha: torch.Tensor, beta: torch.Tensor):
+        self._layers, self.alpha, self.beta = set(layers), alpha, beta  # (L, H) each
+
+    def layers(self) -> set[int]:
+        return self._layers
+
+    def edit_logits(self, layer, logits, plan):
+        image = plan.keys().to(logits.device)  # (n, kv)
+        rank = (image.cumsum(-1) - 1).clamp_min(0)  # k-th image token of the row
+        top = torch.gather(plan.data("fia_top").to(logits.device), 1,
+                           rank.clamp_max(plan.data("fia_top").shape[1] - 1)) & image
+        bottom = torch.gather(plan.data("fia_bottom").to(logits.device), 1,
+                              rank.clamp_max(plan.data("fia_bottom").shape[1] - 1)) & image
+        return fia_logits(logits, top, bottom, self.alpha[layer].to(logits.device),
+                          self.beta[layer].to(logits.device))
+
+
+@register
+class FIA(PAI):
+    name = "fia"
+    description = "Fixing imbalanced attention: boost CLS-salient image tokens, per-head."
+    params = (
+        Param("alpha", 0.7, "boost on the top image tokens (0 = off)", low=0.0),
+        Param("beta", 0.3, "boost on the bottom (outlier) image tokens", low=0.0),
+        Param("ratio", 0.25, "share of image tokens in the top set", low=0.0, high=1.0,
+              low_open=True),
+        Param("gamma", 1.0, "optional PAI-style guidance scale (1 = off; the paper's option 2)",
+              low=1.0),
+        Param("beta_apc", 0.1, "APC of the guidance (with gamma > 1)", low=0.0, high=1.0),
+        Param("head_modulation", True, "scale each head's boost by its visual sensitivity",
+              type=bool),
+        Param("start_layer", -1, "first edited layer (-1: the paper's 2 of 32, scaled)",
+              type=int, low=-1),
+    )
+
+    def plausibility(self):
+        return self.args["beta_apc"] if self.args["gamma"] != 1.0 else None
+
+    def _off(self) -> bool:
+        return self.args["alpha"] == 0 and self.args["beta"] == 0
+
+    def prepare(self, engine, requests):
+        if self._off():
+            return {}
+        with_image = [r for r in requests if r.image is not None]
+        if engine.adapter.family not in CLS_TOWER_FAMILIES or not with_image:
+            if engine.adapter.family not in CLS_TOWER_FAMILIES and not getattr(
+                    engine, "_fia_fallback_logged", False):
+                engine._fia_fallback_logged = True
+                logger.warning("fia: %s's vision tower has no CLS token mapped one-to-one to "
+                               "image tokens; every image token counts as top", engine.name)
+            ones = torch.ones(len(requests), 1, dtype=torch.bool)
+            return {"fia_top": ones, "fia_bottom": ~ones}
+        early, late = cls_attention(engine, with_image, (0, -2))
+        top, bottom = select_tokens(early, late, self.args["ratio"])
+        full_top = torch.zeros(len(requests), top.shape[1], dtype=torch.bool)
+        full_bottom = torch.zeros_like(full_top)
+        positions = [i for i, r in enumerate(requests) if r.image is not None]
+        full_top[positions], full_bottom[positions] = top.cpu(), bottom.cpu()
+        return {"fia_top": full_top, "fia_bottom": full_bottom}
+
+    def attention_edits(self, engine):
+        if self._off():
+            return []
+        n_layers = len(engine.adapter.decoder_layers(engine.model))
+        start = self.args["start_layer"]
+        start = mapped_start(n_layers) if start < 0 else start
+        if start >= n_layers:
+            raise ValueError(f"method 'fia': parameter 'start_layer' = {start} is out of range "
+                             f"for a model with {n_layers} layers; allowed: 0..{n_layers - 1}")
+        modulation = self._modulation(engine, n_layers)
+        return [FIAEdit(range(start, n_layers), self.args["alpha"] * modulation,
+                        self.args["beta"] * modulation)]
+
+    def _modulation(self, engine, n_layers: int) -> torch.Tensor:
+        heads = engine.adapter.text_config(engine.model.config).num_attention_heads
+        if not self.args["head_modulation"]:
+            return torch.ones(n_layers, heads)
+        if not hasattr(engine, "_visual_sensitivity"):
+            from veridical.heads import head_scores, load_or_profile
+
+            engine._visual_sensitivity = head_scores(load_or_profile(engine), "visual_sensitivity")
+        return head_modulation(engine._visual_sensitivity)
+
+
+def head_modulation(sensitivity: torch.Tensor) -> torch.Tensor:
+    """(L, H) factors: each head's visual sensitivity over its layer's mean (mean 1 per layer;
+    a layer with no sensitivity at all gets 1 everywhere)."""
+    mean = sensitivity.mean(-1, keepdim=True)
+    return torch.where(mean > 0, sensitivity / mean.clamp_min(1e-12), torch.ones_like(sensitivity))
