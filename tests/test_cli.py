@@ -62,6 +62,6 @@ def test_bench_methods_reports_ratios_to_the_baseline(capsys):
                  "--methods", "vcd,ritual", "--max-new-tokens", "3", "--repeats", "1",
                  "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["method"] for r in rows] == ["none", "vcd", "ritual"]
+    assert [r["method"] for r in rows] == ["none", "vcd", "ritual", "none (eager)"]
     assert rows[0]["time_per_token_ratio"] == 1.0
     assert all(r["tokens"] == 6 and r["time_per_token_ratio"] > 0 for r in rows)

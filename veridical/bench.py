@@ -103,9 +103,23 @@ def applicable_methods(engine) -> list[str]:
     return names
 
 
+def _eager_tokens(engine, images, prompts, max_new_tokens: int) -> int:
+    """The baseline with eager attention: the route the reference implementations force."""
+    config = engine.model.config
+    multimodal = engine.adapter.multimodal
+    previous = config.get_text_config()._attn_implementation if multimodal else config._attn_implementation
+    engine.model.set_attn_implementation({"text_config": "eager"} if multimodal else "eager")
+    try:
+        return _method_tokens(engine, images, prompts, max_new_tokens, "none")
+    finally:
+        engine.model.set_attn_implementation(
+            {"text_config": previous} if multimodal else previous)
+
+
 def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = None,
                   max_new_tokens: int = 32, repeats: int = 3) -> list[dict]:
-    """One row per (batch size, method): tokens/s and time per token relative to ``none``."""
+    """One row per (batch size, method): tokens/s and time per token relative to ``none``;
+    ``none (eager)`` is the baseline on eager attention, the references' route."""
     methods = ["none", *[m for m in (methods or applicable_methods(engine)) if m != "none"]]
     rows = []
     for batch_size in batch_sizes:
@@ -113,9 +127,10 @@ def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = No
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
         fns = {m: partial(_method_tokens, engine, images, prompts, max_new_tokens, m)
                for m in methods}
+        fns["none (eager)"] = partial(_eager_tokens, engine, images, prompts, max_new_tokens)
         timed = time_alternating(fns, repeats)
         base_t, base_n = timed["none"]
-        for m in methods:
+        for m in fns:
             t, n = timed[m]
             rows.append({"batch_size": batch_size, "method": m, "tokens_per_s": n / t,
                          "tokens": n, "time_per_token_ratio": (t / n) / (base_t / base_n)})
