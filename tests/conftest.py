@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import veridical
+# Without a GPU, Triton kernels run in its CPU interpreter; the flag must be set before any
+# kernel is decorated, i.e. before any test module imports veridical.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import veridical  # noqa: E402
 
 torch.set_num_threads(2)
 
