@@ -34,3 +34,9 @@ def test_beam_search_is_refused_clearly(images, prompts):
     lp = logits_processor("vcd", engine, {"images": [images[0]], "prompts": [prompts[0]]})
     with pytest.raises(InputError, match="beam search .* not supported"):
         engine.model.generate(**inputs, num_beams=2, max_new_tokens=3, logits_processor=[lp])
+
+
+def test_attention_edit_methods_are_refused(images, prompts):
+    engine = tiny_engine("llava")
+    with pytest.raises(InputError, match="edits attention.*use engine.generate"):
+        logits_processor("pai", engine, {"images": [images[0]], "prompts": [prompts[0]]})

@@ -95,4 +95,10 @@ def logits_processor(method: str, engine_or_model: Any, inputs: dict[str, Sequen
     requests = [Request(load_image(i) if i is not None else None, p)
                 for i, p in zip(images, prompts)]
     seeds = [seed] * len(prompts) if seed is None or isinstance(seed, int) else list(seed)
-    return BranchLogitsProcessor(engine, resolve(method, args), requests, seeds)
+    built = resolve(method, args)
+    if built.attention_edits(engine):
+        raise InputError(
+            f"method {built.name!r} edits attention, which a logits processor cannot do inside "
+            "model.generate; use engine.generate for it (or its logits-only part, e.g. pai_cfg)"
+        )
+    return BranchLogitsProcessor(engine, built, requests, seeds)
