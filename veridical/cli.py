@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Modules that add `veridical bench` subcommands through add_bench(bench_subparsers).
-_BENCH_PLUGINS = ("veridical.kernels.bench",)
+_BENCH_PLUGINS = ("veridical.kernels.bench", "veridical.server.bench")
 
 # Modules that add their own subcommands through add_subcommands(subparsers).
 _PLUGINS = (
@@ -250,6 +250,7 @@ _PLUGINS = (
     "veridical.evals.synthcoco",
     "veridical.evals.runner",
     "veridical.heads.cli",
+    "veridical.server.cli",
 )
 
 

@@ -1,0 +1,391 @@
+"""Chat completions: an OpenAI request -> a validated engine job -> an OpenAI response.
+
+What ``POST /v1/chat/completions`` accepts (everything else is refused with a 400 naming the
+field and the limit, before any engine work):
+- ``messages``: any system/developer messages (text only, joined with blank lines into the one
+  system message), then exactly ONE user message: its text parts joined with newlines, and at most
+  one ``image_url`` part (the engine decodes one image and one user turn; the image is placed
+  before the text, as the model's chat template does). Multi-turn history, assistant and tool
+  messages are refused rather than silently flattened.
+- ``model`` must be the served name (404 otherwise, as OpenAI answers an unknown model).
+- Decoding: ``temperature`` (0, or below 1e-5, = greedy; default from ``--temperature``, 1.0
+  as OpenAI),
+  ``top_p``, ``seed``, ``stop`` (up to 4 strings), ``max_completion_tokens``/``max_tokens``
+  (up to ``--max-tokens-limit``), ``n = 1``. ``logprobs`` is refused: the engine does not compute
+  token log-probabilities.
+- ``mitigation``: ``{"method": M, ...params}`` validated against the registry (an unknown method
+  or parameter is a 400 naming it and the allowed values); ``{"alpha": 2}`` without ``method``
+  adjusts the start-up default; no ``mitigation`` uses the start-up default.
+
+Results equal ``Engine.generate`` for the same image, text, method and settings: the job goes to
+``Engine.run`` through the batcher. Requests with the same :class:`BatchKey` share one engine call;
+``max_tokens`` is not part of the key: the batch runs to its largest value and each result is cut
+back to its own, which gives the tokens a separate call would (decoding is batch-invariant and
+the stop tests look only at a request's own tokens).
+
+Streaming sends the role chunk at once, then, when the result is ready, the text as one
+``chat.completion.chunk`` per word (the engine has no per-token callback, so the whole answer is
+generated first), the finish reason, the usage chunk when ``stream_options.include_usage``, and
+``data: [DONE]``. A client that disconnects is cancelled: dropped from the queue if it waits, its
+result discarded if its batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from veridical.decoding.engine import DecodingConfig, GenerationResult
+from veridical.decoding.method import Request
+from veridical.decoding.registry import resolve
+from veridical.errors import VeridicalError
+
+from .batcher import Batcher, Job, QueueFull, ShuttingDown
+from .errors import ApiError, bad_request, shorten
+from .media import decode_image, fetch_image_bytes
+from .protocol import ChatCompletionRequest, ChatMessage, ImagePart, Mitigation
+from .settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+MAX_STOP = 4
+SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (as vLLM)
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Settings that requests must share to run in one engine call."""
+
+    method: str
+    method_args: tuple[tuple[str, Any], ...]
+    do_sample: bool
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+
+
+@dataclass
+class EngineJob:
+    request: Request
+    seed: int | None
+    max_tokens: int
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+class ChatServing:
+    """Validates chat requests, feeds them to the batcher, and shapes the answers."""
+
+    def __init__(self, engine: Any, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        default = resolve(settings.default_method, settings.default_method_args)
+        self.default_method = default.name
+        self.default_args = dict(default.args)
+        self.preparing = 0  # requests being validated, about to be submitted
+        self.batcher = Batcher(self.run_batch, max_batch_size=settings.max_batch_size,
+                               max_queue_size=settings.max_queue_size,
+                               batch_wait_s=settings.batch_wait_ms / 1000,
+                               incoming=lambda: self.preparing)
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def shutdown(self) -> None:
+        await self.batcher.close()
+
+    # Request -> job ---------------------------------------------------------------------------
+    async def prepare(self, req: ChatCompletionRequest) -> tuple[BatchKey, EngineJob, dict]:
+        """Validate ``req`` fully (see the module docstring); load its image."""
+        if req.model != self.settings.model_name:
+            raise ApiError(404, f"model {shorten(req.model)} is not served here; available: "
+                                f"{self.settings.model_name!r} (see GET /v1/models)",
+                           param="model", code="model_not_found")
+        _refuse_unsupported(req)
+        system, text, image_part, image_param = self._conversation(req.messages)
+        limit = self.settings.max_tokens_limit
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(
+            self.settings.default_max_tokens, limit)
+        if max_tokens > limit:
+            name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise bad_request(f"{name}={max_tokens} is above this server's limit of {limit}",
+                              name)
+        stops = self._stops(req.stop)
+        temperature = self.settings.temperature if req.temperature is None else req.temperature
+        do_sample = temperature >= SAMPLING_EPS  # below it, dividing by it overflows: greedy
+        method, args = self._method(req.mitigation)
+        key = BatchKey(method, tuple(sorted(args.items())), do_sample,
+                       float(temperature) if do_sample else 1.0,
+                       float(req.top_p or 1.0) if do_sample else 1.0, stops)
+        image = None
+        if image_part is not None:
+            if not getattr(self.engine.adapter, "multimodal", True):
+                raise bad_request(f"model {self.settings.model_name!r} is text-only and takes no "
+                                  "image; remove the image_url part", image_param)
+            raw = await fetch_image_bytes(image_part.image_url.url, self.settings, image_param)
+            image = await asyncio.to_thread(decode_image, raw, self.settings.max_image_pixels,
+                                            image_param)
+        job = EngineJob(Request(image=image, prompt=text, system=system), req.seed, max_tokens)
+        return key, job, {"method": method, **args}
+
+    def _conversation(self, messages: list[ChatMessage]
+                      ) -> tuple[str | None, str, ImagePart | None, str | None]:
+        lead = 0
+        while lead < len(messages) and messages[lead].role in ("system", "developer"):
+            lead += 1
+        rest = messages[lead:]
+        if len(rest) != 1 or rest[0].role != "user":
+            roles = ", ".join(m.role for m in messages)
+            raise bad_request(
+                "this server answers one user turn: send system/developer messages (optional) and "
+                "then exactly one user message; multi-turn history, assistant and tool messages "
+                f"are not supported (got roles: {roles})", "messages", "unsupported_conversation")
+        system_texts = []
+        for i, message in enumerate(messages[:lead]):
+            texts, images = _split_content(message, f"messages[{i}].content")
+            if images:
+                raise bad_request(f"a {message.role} message cannot hold an image; put it in the "
+                                  "user message", f"messages[{i}].content")
+            system_texts += [t for t in texts if t.strip()]
+        where = f"messages[{lead}].content"
+        texts, images = _split_content(rest[0], where)
+        if len(images) > 1:
+            raise bad_request(f"at most 1 image per request (the engine takes one image per user "
+                              f"turn); got {len(images)}", where, "too_many_images")
+        text = "\n".join(texts)
+        if not text.strip():
+            raise bad_request("the user message has no text; add a text part with the question",
+                              where)
+        system = "\n\n".join(system_texts) or None
+        chars = len(text) + len(system or "")
+        if chars > self.settings.max_prompt_chars:
+            raise bad_request(f"the prompt has {chars} characters, more than this server's limit "
+                              f"of {self.settings.max_prompt_chars}", "messages",
+                              "context_length_exceeded")
+        return system, text, (images[0] if images else None), (where if images else None)
+
+    def _stops(self, stop: str | list[str] | None) -> tuple[str, ...]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP:
+            raise bad_request(f"stop has {len(stops)} strings; at most {MAX_STOP}", "stop")
+        if any(not s for s in stops):
+            raise bad_request("stop strings must be non-empty", "stop")
+        if any(len(s) > self.settings.max_prompt_chars for s in stops):
+            raise bad_request("a stop string is longer than the prompt limit", "stop")
+        return tuple(stops)
+
+    def _method(self, mitigation: Mitigation | None) -> tuple[str, dict[str, Any]]:
+        """(canonical method name, every parameter value) for a request's ``mitigation``."""
+        if mitigation is None:
+            return self.default_method, dict(self.default_args)
+        if mitigation.method is None:
+            name, args = self.default_method, {**self.default_args, **mitigation.params()}
+        else:
+            name, args = mitigation.method, mitigation.params()
+        try:
+            method = resolve(name, args)
+        except (ValueError, TypeError) as exc:
+            raise bad_request(f"mitigation: {exc}", "mitigation", "invalid_mitigation") from None
+        return method.name, dict(method.args)
+
+    # Engine thread ------------------------------------------------------------------------------
+    def run_batch(self, key: BatchKey, jobs: list[EngineJob]) -> list[Any]:
+        """Run jobs sharing ``key`` in one engine call; a failing batch is retried job by job,
+        so one bad request cannot fail the others."""
+        config = DecodingConfig(max_new_tokens=max(j.max_tokens for j in jobs),
+                                do_sample=key.do_sample, temperature=key.temperature,
+                                top_p=key.top_p, stop=key.stop)
+        try:
+            method = resolve(key.method, dict(key.method_args))
+            results = self.engine.run([j.request for j in jobs], method, config,
+                                      [j.seed for j in jobs])
+        except Exception as exc:
+            if len(jobs) == 1:
+                return [exc]
+            logger.warning("a batch of %d failed (%s); running its requests one by one",
+                           len(jobs), exc)
+            return [self.run_batch(key, [job])[0] for job in jobs]
+        return [self._fit(r, j.max_tokens, key.stop) for r, j in zip(results, jobs)]
+
+    def _fit(self, result: GenerationResult, max_tokens: int,
+             stops: tuple[str, ...]) -> GenerationResult:
+        """``result`` as a call with ``max_new_tokens=max_tokens`` would have given it (the
+        engine's own stop rules, see ``Engine.run``)."""
+        if len(result.token_ids) <= max_tokens:
+            return result
+        ids = result.token_ids[:max_tokens]
+        text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+        reason = "stop" if ids[-1] in self.engine.eos_ids else "length"
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            text, reason = text[: min(hits)], "stop"
+        return GenerationResult(text.strip(), ids, reason, result.prompt_tokens, len(ids),
+                                result.image_tokens)
+
+    # Job -> response ----------------------------------------------------------------------------
+    async def complete(self, req: ChatCompletionRequest, http: HttpRequest) -> Response:
+        self.preparing += 1
+        try:
+            key, payload, mitigation = await self.prepare(req)
+            job = self._submit(key, payload)
+        finally:
+            self.preparing -= 1
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                self._stream(job, rid, created, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            result = await self._wait(job, http)
+        except ClientGone:
+            logger.info("client disconnected; request %s cancelled", rid)
+            return Response(status_code=499)
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": created,
+            "model": self.settings.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": result.finish_reason, "logprobs": None}],
+            "usage": _usage(result), "mitigation": mitigation,
+        })
+
+    def _submit(self, key: BatchKey, payload: EngineJob) -> Job:
+        try:
+            return self.batcher.submit(key, payload)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), code="rate_limit_exceeded") from None
+        except ShuttingDown as exc:
+            raise ApiError(503, str(exc), code="shutting_down") from None
+
+    async def _wait(self, job: Job, http: HttpRequest) -> GenerationResult:
+        gone = asyncio.create_task(_disconnected(http))
+        try:
+            await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self.batcher.cancel(job)
+            raise
+        finally:
+            gone.cancel()
+        if not job.future.done():
+            self.batcher.cancel(job)
+            raise ClientGone
+        return _outcome(job.future)
+
+    async def _stream(self, job: Job, rid: str, created: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
+                                    "created": created, "model": self.settings.model_name,
+                                    "choices": choices}
+            if include_usage:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        def delta(d: dict, finish: str | None = None) -> list[dict]:
+            return [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}]
+
+        try:
+            yield chunk(delta({"role": "assistant", "content": ""}))
+            await asyncio.wait({job.future})  # never raises; cancelling this leaves the job
+            try:
+                result = _outcome(job.future)
+            except ApiError as exc:
+                yield f"data: {json.dumps(exc.body())}\n\n"
+            else:
+                for piece in re.findall(r"\S+\s*|\s+", result.text):
+                    yield chunk(delta({"content": piece}))
+                yield chunk(delta({}, result.finish_reason))
+                if include_usage:
+                    yield chunk([], _usage(result))
+            yield "data: [DONE]\n\n"
+        finally:  # also on disconnect, when Starlette cancels this generator
+            self.batcher.cancel(job)
+
+
+def _outcome(future: asyncio.Future) -> GenerationResult:
+    """The job's result; its failure as an ``ApiError`` (400 for bad input, else 500, logged)."""
+    exc = future.exception()
+    if exc is None:
+        return future.result()
+    if isinstance(exc, ApiError):
+        raise exc
+    if isinstance(exc, (VeridicalError, ValueError)):
+        raise bad_request(str(exc), code="invalid_request")
+    logger.error("generation failed", exc_info=exc)
+    raise ApiError(500, f"internal error during generation ({type(exc).__name__}); see the "
+                        "server log", code="internal_error")
+
+
+def _usage(result: GenerationResult) -> dict[str, Any]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": result.image_tokens},
+    }
+
+
+async def _disconnected(http: HttpRequest) -> None:
+    """Return when the client disconnects (the body has been read, so the next ASGI message
+    is the disconnect)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _split_content(message: ChatMessage, where: str) -> tuple[list[str], list[ImagePart]]:
+    content = message.content
+    if content is None:
+        return [], []
+    if isinstance(content, str):
+        return [content], []
+    texts = [p.text for p in content if p.type == "text"]
+    images = [p for p in content if isinstance(p, ImagePart)]
+    return texts, images
+
+
+_UNSUPPORTED = {
+    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
+    "function_call": "function calling", "parallel_tool_calls": "tool calling",
+    "audio": "audio output", "prediction": "predicted outputs",
+    "web_search_options": "web search", "reasoning_effort": "reasoning effort",
+}
+
+
+def _refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """400 for OpenAI fields this server cannot honour, when they ask for a non-default."""
+    if req.n not in (None, 1):
+        raise bad_request(f"n={req.n} is not supported: this server returns one choice (n=1); "
+                          "send several requests with different seeds instead", "n")
+    if req.logprobs or req.top_logprobs:
+        name = "logprobs" if req.logprobs else "top_logprobs"
+        raise bad_request("logprobs are not supported: the engine does not compute token "
+                          "log-probabilities; leave logprobs unset or false", name)
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name):
+            raise bad_request(f"{name} is not supported; leave it unset or 0", name)
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported; leave it unset", "logit_bias")
+    fmt = req.response_format
+    if fmt and fmt.get("type", "text") != "text":
+        raise bad_request("response_format other than text is not supported", "response_format")
+    if req.modalities and list(req.modalities) != ["text"]:
+        raise bad_request("only the text modality is supported", "modalities")
+    for name, what in _UNSUPPORTED.items():
+        value = getattr(req, name)
+        if value and value != "none":
+            raise bad_request(f"{what} is not supported by this server; leave {name} unset", name)
