@@ -38,6 +38,8 @@ NAME = "veridical"
 class AttentionEdit:
     """One method's change inside attention; override what applies."""
 
+    kernel_free = False  # True: only head_scale, which needs nothing from the fused kernel
+
     def layers(self) -> set[int]:
         return set()
 
@@ -56,6 +58,13 @@ class AttentionEdit:
                        out: torch.Tensor) -> torch.Tensor | None:
         """Full control after the other edits: return a new output (B, q, H, D) or None.
         For edits that need post-softmax weights of several query positions (VAR)."""
+        return None
+
+    def kernel_args(self, layer: int, inputs: AttentionInputs, plan: EditPlan
+                    ) -> dict[str, object] | None:
+        """This edit as arguments of ``veridical.kernels.attention`` (``pre_softmax=`` or
+        ``var=``, covering every row: rows the plan does not edit get no edit), or None when it
+        has none: then the layer runs on the torch route. ``head_scale`` is applied after."""
         return None
 
 
@@ -83,6 +92,7 @@ class EditPlan:
     # for the keys of this forward, filled by hooks during it; the engine appends ``fresh``.
     key_state: dict[str, torch.Tensor] = field(default_factory=dict)
     fresh: dict[str, torch.Tensor] = field(default_factory=dict)
+    impl: str = "auto"  # the kernels' dispatch: "auto" (fused kernel on CUDA), "triton", "torch"
 
     def __post_init__(self) -> None:
         self.index = self.rows.nonzero().flatten()
@@ -125,8 +135,16 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
     if plan is None or layer not in plan.layer_set or plan.index.numel() == 0:
         return out, weights
     idx = plan.index.to(out.device)
-    out = out.clone()
     pre = [e for e in plan.edits if layer in e.layers()]
+    fused = _fused(layer, pre, plan, module, query, key, value, attention_mask, scaling)
+    if fused is not None:
+        out = fused
+        for edit in pre:
+            scale = edit.head_scale(layer, plan)
+            if scale is not None:
+                out[idx, -1] = out[idx, -1] * scale.to(out.dtype)[:, :, None]
+        return out, weights
+    out = out.clone()
     logits = _last_row_logits(module, query, key, attention_mask, scaling, idx)
     edited = False
     for edit in pre:
@@ -150,6 +168,43 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
         if new is not None:
             out = new
     return out, weights
+
+
+def _fused(layer, edits, plan, module, query, key, value, attention_mask, scaling):
+    """The layer through ``veridical.kernels.attention`` when the plan's dispatch picks the
+    fused kernel and every edit maps onto it; else None (the torch route above)."""
+    from veridical import kernels
+
+    impl = plan.impl
+    if impl == "auto":
+        impl = "triton" if kernels._triton_serves(query) else "torch"
+    if impl != "triton":
+        return None
+    inputs = AttentionInputs(module, query, key, value, attention_mask,
+                             scaling if scaling is not None else query.shape[-1] ** -0.5)
+    kwargs: dict[str, object] = {}
+    for edit in edits:
+        args = edit.kernel_args(layer, inputs, plan)
+        if args is None and not edit.kernel_free:
+            return None
+        for name, value_ in (args or {}).items():
+            if name in kwargs:
+                return None  # two edits of one kind: the torch route composes them
+            kwargs[name] = value_
+    padding = None
+    if attention_mask is not None:
+        last = attention_mask[:, 0, -1, :]
+        padding = ~last if last.dtype == torch.bool else last < 0
+    out, _ = kernels.attention(query, key, value, scaling=inputs.scaling, key_padding=padding,
+                               causal=True, impl="triton", **kwargs)
+    return out.to(query.dtype)
+
+
+def last_row_mask(plan: EditPlan, n_rows: int, n_q: int, device) -> torch.Tensor:
+    """(B, q) bool: the last query position of the plan's rows."""
+    rows = torch.zeros(n_rows, n_q, dtype=torch.bool, device=device)
+    rows[plan.index.to(device), -1] = True
+    return rows
 
 
 def _last_row_logits(module, query, key, attention_mask, scaling, idx) -> torch.Tensor:

@@ -102,8 +102,9 @@ class _Rows:
 
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], cache_kw: str,
                  info: RowInfo, image_id: int | None = None, edits: list | None = None,
-                 row_data: dict[str, torch.Tensor] | None = None):
+                 row_data: dict[str, torch.Tensor] | None = None, impl: str = "auto"):
         self.model = model
+        self.impl = impl  # attention kernels' dispatch for edited layers
         self.cache_kw = cache_kw
         self.info = info  # which rows are which branch; hooks read it during forwards
         self.edits = edits or []
@@ -123,7 +124,8 @@ class _Rows:
         keys = self.image_keys
         if keys is None:
             keys = torch.zeros_like(self.mask, dtype=torch.bool)
-        return EditPlan(self.edits, self.info.mask("main"), keys, self.row_data, self.key_state)
+        return EditPlan(self.edits, self.info.mask("main"), keys, self.row_data, self.key_state,
+                        impl=self.impl)
 
     def _forward(self, **inputs) -> Any:
         """One model forward with the edit plan active; keeps the per-key state hooks wrote."""
@@ -200,6 +202,9 @@ class Engine:
         self.adapter = adapter
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        # Edited attention: "auto" = the fused Triton kernel on CUDA, the torch route on CPU;
+        # "triton" / "torch" force one (veridical.kernels).
+        self.attention_impl = "auto"
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         gen = getattr(model, "generation_config", None)
@@ -301,7 +306,8 @@ class Engine:
         n_rows = len(branches) + 1
         row_data = {k: v.repeat(n_rows, *([1] * (v.dim() - 1)))  # every branch block
                     for k, v in method.prepare(self, requests).items()}
-        state = _Rows(self.model, batch, self._cache_kw, info, image_id, edits, row_data)
+        state = _Rows(self.model, batch, self._cache_kw, info, image_id, edits, row_data,
+                      self.attention_impl)
         search = _beam_search if config.num_beams > 1 else _sample_or_greedy
         handles = method.install(self, info)
         previous = use_edits(self.model, self.adapter.multimodal) if edits else None

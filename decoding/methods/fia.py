@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from ..attention import AttentionEdit
+from ..attention import AttentionEdit, last_row_mask
 from ..method import Param
 from ..registry import register
 from .pai import PAI, mapped_start
@@ -90,21 +90,40 @@ def cls_attention(engine, requests, layers: tuple[int, int]) -> list[torch.Tenso
 
 
 class FIAEdit(AttentionEdit):
-    def __init__(self, layers: range, alpha: torch.Tensor, beta: torch.Tensor):
-        self._layers, self.alpha, self.beta = set(layers), alpha, beta  # (L, H) each
+    def __init__(self, layers: range, alpha: float, beta: float, modulation: torch.Tensor):
+        self._layers, self.a, self.b, self.modulation = set(layers), alpha, beta, modulation
+        self.alpha, self.beta = alpha * modulation, beta * modulation  # (L, H) each
 
     def layers(self) -> set[int]:
         return self._layers
 
+    def _sets(self, plan, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, kv) top and bottom keys of the edited rows: the k-th image key of a row takes
+        the k-th entry of its request's selection."""
+        image = plan.keys().to(device)
+        rank = (image.cumsum(-1) - 1).clamp_min(0)
+        out = []
+        for name in ("fia_top", "fia_bottom"):
+            chosen = plan.data(name).to(device)
+            out.append(torch.gather(chosen, 1, rank.clamp_max(chosen.shape[1] - 1)) & image)
+        return out[0], out[1]
+
     def edit_logits(self, layer, logits, plan):
-        image = plan.keys().to(logits.device)  # (n, kv)
-        rank = (image.cumsum(-1) - 1).clamp_min(0)  # k-th image token of the row
-        top = torch.gather(plan.data("fia_top").to(logits.device), 1,
-                           rank.clamp_max(plan.data("fia_top").shape[1] - 1)) & image
-        bottom = torch.gather(plan.data("fia_bottom").to(logits.device), 1,
-                              rank.clamp_max(plan.data("fia_bottom").shape[1] - 1)) & image
+        top, bottom = self._sets(plan, logits.device)
         return fia_logits(logits, top, bottom, self.alpha[layer].to(logits.device),
                           self.beta[layer].to(logits.device))
+
+    def kernel_args(self, layer, inputs, plan):
+        # alpha_h * top + beta_h * bottom = m_h * (alpha * top + beta * bottom)
+        from veridical.kernels import PreSoftmax
+
+        q = inputs.query
+        top, bottom = self._sets(plan, q.device)
+        keys = torch.zeros(q.shape[0], top.shape[1], device=q.device)
+        keys[plan.index.to(q.device)] = self.a * top.float() + self.b * bottom.float()
+        rows = last_row_mask(plan, q.shape[0], q.shape[2], q.device)
+        return {"pre_softmax": PreSoftmax(alpha=self.modulation[layer].to(q.device), keys=keys,
+                                          rows=rows)}
 
 
 @register
@@ -160,9 +179,8 @@ class FIA(PAI):
         if start >= n_layers:
             raise ValueError(f"method 'fia': parameter 'start_layer' = {start} is out of range "
                              f"for a model with {n_layers} layers; allowed: 0..{n_layers - 1}")
-        modulation = self._modulation(engine, n_layers)
-        return [FIAEdit(range(start, n_layers), self.args["alpha"] * modulation,
-                        self.args["beta"] * modulation)]
+        return [FIAEdit(range(start, n_layers), self.args["alpha"], self.args["beta"],
+                        self._modulation(engine, n_layers))]
 
     def _modulation(self, engine, n_layers: int) -> torch.Tensor:
         heads = engine.adapter.text_config(engine.model.config).num_attention_heads

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import AttentionEdit
+from ..attention import AttentionEdit, last_row_mask
 from ..method import Param
 from ..registry import register
 from .pai_cfg import PAICFG
@@ -37,6 +37,14 @@ class PAIEdit(AttentionEdit):
 
     def edit_logits(self, layer, logits, plan):
         return pai_logits(logits, plan.keys().to(logits.device), self.alpha)
+
+    def kernel_args(self, layer, inputs, plan):
+        from veridical.kernels import PreSoftmax
+
+        q = inputs.query
+        keys = plan.image_keys.to(q.device, torch.float32)
+        rows = last_row_mask(plan, q.shape[0], q.shape[2], q.device)
+        return {"pre_softmax": PreSoftmax(alpha=self.alpha, keys=keys, rows=rows)}
 
 
 @register

@@ -66,6 +66,21 @@ class VAREdit(AttentionEdit):
     def layers(self) -> set[int]:
         return self._layers
 
+    def kernel_args(self, layer, inputs, plan):
+        from veridical.kernels import VAR as KernelVAR
+        from veridical.kernels import key_groups
+
+        q = inputs.query
+        idx = plan.index.to(q.device)
+        image = plan.image_keys.to(q.device)
+        sink = plan.key_flags("var_sink")[:, :, layer].to(q.device)
+        n_q, n_k = q.shape[2], image.shape[1]
+        rows = torch.zeros(q.shape[0], n_q, dtype=torch.bool, device=q.device)
+        queries = _query_positions(inputs.attention_mask, idx, image[idx], n_q, n_k)
+        rows[idx] = queries & (image[idx] & sink[idx]).any(-1, keepdim=True)
+        return {"var": KernelVAR(groups=key_groups(image, sink), rows=rows, p=self.p,
+                                 rho=self.rho, summ=self.summ, scale_text=False)}
+
     def post_attention(self, layer, inputs, plan, out):
         idx = plan.index.to(out.device)
         logits = row_logits(inputs.module, inputs.query, inputs.key, inputs.attention_mask,

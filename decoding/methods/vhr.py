@@ -66,6 +66,8 @@ def last_position_head_outputs(engine, requests: list[Request], layers: list[int
 
 
 class VHREdit(AttentionEdit):
+    kernel_free = True  # a head scale after attention: any attention route serves
+
     def __init__(self, layers: list[int]):
         self._layers = set(layers)
         self.order = {layer: i for i, layer in enumerate(layers)}
