@@ -193,16 +193,9 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry (``python -m veridical.evals.score_cli score ...``)."""
-    from veridical.errors import VeridicalError
+    from veridical.cli import standalone
 
-    parser = argparse.ArgumentParser(prog="veridical")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (VeridicalError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return standalone(add_subcommands, argv)
 
 
 if __name__ == "__main__":

@@ -254,10 +254,9 @@ _PLUGINS = (
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+def run_command(args: argparse.Namespace, verbose: bool = False) -> int:
+    """Run a parsed subcommand: fixable errors print ``error: ...`` and return 2."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
@@ -267,6 +266,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def standalone(add_subcommands, argv: Sequence[str] | None, prog: str = "veridical",
+               verbose: bool = False) -> int:
+    """A module's own entry point over just its subcommands, run like ``main``."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return run_command(parser.parse_args(argv), verbose)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args, args.verbose)
 
 
 if __name__ == "__main__":
