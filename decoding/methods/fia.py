@@ -31,7 +31,7 @@ import torch
 from ..attention import AttentionEdit, last_row_mask
 from ..method import Param
 from ..registry import register
-from .pai import PAI, mapped_start
+from .pai import PAI
 
 logger = logging.getLogger(__name__)
 CLS_TOWER_FAMILIES = ("llava",)
@@ -173,14 +173,9 @@ class FIA(PAI):
     def attention_edits(self, engine):
         if self._off():
             return []
-        n_layers = len(engine.adapter.decoder_layers(engine.model))
-        start = self.args["start_layer"]
-        start = mapped_start(n_layers) if start < 0 else start
-        if start >= n_layers:
-            raise ValueError(f"method 'fia': parameter 'start_layer' = {start} is out of range "
-                             f"for a model with {n_layers} layers; allowed: 0..{n_layers - 1}")
-        return [FIAEdit(range(start, n_layers), self.args["alpha"], self.args["beta"],
-                        self._modulation(engine, n_layers))]
+        layers = self.edited_layers(engine)
+        return [FIAEdit(layers, self.args["alpha"], self.args["beta"],
+                        self._modulation(engine, layers.stop))]
 
     def _modulation(self, engine, n_layers: int) -> torch.Tensor:
         heads = engine.adapter.text_config(engine.model.config).num_attention_heads

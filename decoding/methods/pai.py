@@ -59,16 +59,21 @@ class PAI(PAICFG):
               type=int, low=-1),
     )
 
-    def attention_edits(self, engine):
-        if self.args["alpha"] == 0:
-            return []
+    def edited_layers(self, engine) -> range:
+        """``start_layer .. L-1``, the start mapped from the paper's 2 of 32 when -1."""
         n_layers = len(engine.adapter.decoder_layers(engine.model))
         start = self.args["start_layer"]
         start = mapped_start(n_layers) if start < 0 else start
         if start >= n_layers:
-            raise ValueError(f"method 'pai': parameter 'start_layer' = {start} is out of range "
-                             f"for a model with {n_layers} layers; allowed: 0..{n_layers - 1}")
-        return [PAIEdit(range(start, n_layers), self.args["alpha"])]
+            raise ValueError(f"method {self.name!r}: parameter 'start_layer' = {start} is out of "
+                             f"range for a model with {n_layers} layers; allowed: "
+                             f"0..{n_layers - 1}")
+        return range(start, n_layers)
+
+    def attention_edits(self, engine):
+        if self.args["alpha"] == 0:
+            return []
+        return [PAIEdit(self.edited_layers(engine), self.args["alpha"])]
 
     # gamma = 1: the attention half alone, as the reference without CFG (no branch, no APC)
     def branches(self):
