@@ -367,7 +367,8 @@ def test_fia_equals_eager_reference_on_llava(images, prompts):
     """CLS attention recomputed from the vision tower's eager attentions, the selection and the
     per-head boost written out here, applied by the eager reference."""
     from veridical.decoding.method import Request
-    from veridical.decoding.methods.fia import FIA, mapped_start, select_tokens
+    from veridical.decoding.methods.fia import FIA, select_tokens
+    from veridical.decoding.methods.pai import mapped_start
 
     engine = tiny_engine("llava")
     method = FIA(alpha=0.7, beta=0.3, head_modulation=False)
