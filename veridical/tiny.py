@@ -410,21 +410,28 @@ def _qwen_processor(class_name: str, tokenizer: PreTrainedTokenizerFast, **image
     )
 
 
+def _qwen_vision_config(**extra) -> dict:
+    """The vision tower fields Qwen2-VL, Qwen2.5-VL and Qwen3-VL share, plus ``extra``."""
+    return {
+        "depth": 2,
+        "num_heads": 2,
+        "patch_size": _QWEN_PATCH,
+        "spatial_merge_size": _QWEN_MERGE,
+        "temporal_patch_size": 2,
+        "initializer_range": _INIT_RANGE,
+        **extra,
+    }
+
+
 def _qwen2_vl():
     tokenizer = _qwen_tokenizer()
     config = transformers.Qwen2VLConfig(
         text_config=_qwen_text_config(tokenizer),
-        vision_config={
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": _HIDDEN,  # the merger's output size, i.e. the text hidden size
-            "mlp_ratio": 2,
-            "num_heads": 2,
-            "patch_size": _QWEN_PATCH,
-            "spatial_merge_size": _QWEN_MERGE,
-            "temporal_patch_size": 2,
-            "initializer_range": _INIT_RANGE,
-        },
+        vision_config=_qwen_vision_config(
+            embed_dim=32,
+            hidden_size=_HIDDEN,  # the merger's output size, i.e. the text hidden size
+            mlp_ratio=2,
+        ),
         **_qwen_token_fields(tokenizer),
     )
     return config, _qwen_processor("Qwen2VLProcessor", tokenizer)
@@ -434,20 +441,14 @@ def _qwen2_5_vl():
     tokenizer = _qwen_tokenizer()
     config = transformers.Qwen2_5_VLConfig(
         text_config=_qwen_text_config(tokenizer),
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": _HIDDEN,
-            "patch_size": _QWEN_PATCH,
-            "spatial_merge_size": _QWEN_MERGE,
-            "temporal_patch_size": 2,
+        vision_config=_qwen_vision_config(
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=_HIDDEN,
             # Windows of 32 pixels (2x2 merged tokens) in block 0, full attention in block 1.
-            "window_size": 32,
-            "fullatt_block_indexes": [1],
-            "initializer_range": _INIT_RANGE,
-        },
+            window_size=32,
+            fullatt_block_indexes=[1],
+        ),
         **_qwen_token_fields(tokenizer),
     )
     return config, _qwen_processor("Qwen2_5_VLProcessor", tokenizer)
@@ -466,21 +467,15 @@ def _qwen3_vl_moe():
     )
     config = transformers.Qwen3VLMoeConfig(
         text_config=text_config,
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": _HIDDEN,
-            "patch_size": _QWEN_PATCH,
-            "spatial_merge_size": _QWEN_MERGE,
-            "temporal_patch_size": 2,
+        vision_config=_qwen_vision_config(
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=_HIDDEN,
             # Learned position table of 8x8 patches, interpolated to each image's grid.
-            "num_position_embeddings": 64,
+            num_position_embeddings=64,
             # Features of vision block 1 are added to the first text layer's hidden states.
-            "deepstack_visual_indexes": [1],
-            "initializer_range": _INIT_RANGE,
-        },
+            deepstack_visual_indexes=[1],
+        ),
         **_qwen_token_fields(tokenizer),
     )
     processor = _qwen_processor(
