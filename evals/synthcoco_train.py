@@ -89,7 +89,8 @@ with
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training setting; defaults are the recipe of the shipped model."""
+    """Every training setting; defaults are the first attempt's recipe (not yet shipped: it
+    did not reach the organism targets)."""
 
     seed: int = field(default=0, metadata={"help": "seed of weights and batches"})
     # stage 1: the vision tower alone
@@ -856,7 +857,9 @@ def add_world_subcommands(world_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this stage-2 step, keeping the checkpoint (a rerun resumes; "
                         "it may change --steps, which is recorded)")
-    group = p.add_argument_group("training settings (defaults: the shipped model's recipe)")
+    group = p.add_argument_group(
+        "training settings (defaults: the first attempt's recipe, which did not reach the "
+        "organism targets; see the README)")
     for f in dataclasses.fields(TrainConfig):
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
                            default=None, help=f"{f.metadata.get('help', '')} (default: {f.default})")
