@@ -146,10 +146,10 @@ def sink_hooks(engine, dims: list[int], tau: float) -> list:
 @register
 class VAR(Method):
     name = "var"
-    description = "Visual attention redistribution: move attention from sinks and text to the image."
+    description = "Visual attention redistribution: move attention from sink tokens to the image."
     is_argmax_invariant = False
     params = (
-        Param("p", 0.6, "share kept by text and sink keys in image-centric heads (1 = off)",
+        Param("p", 0.6, "share kept by the sink keys in image-centric heads (1 = off)",
               low=0.0, high=1.0),
         Param("rho", 0.5, "largest sink share of image attention for an image-centric head",
               low=0.0, high=1.0),
