@@ -827,7 +827,7 @@ def cmd_world_train(args: argparse.Namespace) -> int:
         if not (Path(world) / "manifest.json").is_file():
             sizes = {"train": BUILTIN_SPLITS["train"], "val": BUILTIN_SPLITS["val"]}
             print(f"generating the built-in world's train/val splits into {world}")
-            generate_world(world, WorldConfig(), BUILTIN_SEED, sizes)
+            generate_world(world, WorldConfig(), BUILTIN_SEED, sizes, progress=not args.quiet)
     random.seed(cfg.seed)
     summary = train(world, args.out, cfg, progress=not args.quiet, stop_after=args.stop_after,
                     init=args.init)
