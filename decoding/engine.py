@@ -353,14 +353,14 @@ class Engine:
     def _encode(self, request: Request) -> dict[str, torch.Tensor]:
         return encode(self.processor, request.image, request.prompt, request.system)
 
-    def _scores(self, method: Method, logits: torch.Tensor, n_slots: int, n_branches: int,
+    def _scores(self, method: Method, logits: torch.Tensor, n_slots: int, names: list[str],
                 step: int) -> torch.Tensor:
-        """Next-token scores (S, V) of every slot from the logits of all rows (S * nb, V)."""
-        if n_branches == 1:
+        """Next-token scores (S, V) of every slot from the logits of all rows (S * nb, V);
+        ``names`` are the row blocks' branch names, the real input first."""
+        if len(names) == 1:
             return method.combine(logits, {}, step)
-        names = [b.name for b in method.branches()]
-        blocks = logits.view(n_branches, n_slots, -1)
-        return method.combine(blocks[0], dict(zip(names, blocks[1:])), step)
+        blocks = logits.view(len(names), n_slots, -1)
+        return method.combine(blocks[0], dict(zip(names[1:], blocks[1:])), step)
 
     def _finished(self, token_ids: list[int], config: DecodingConfig) -> str | None:
         if token_ids and token_ids[-1] in self.eos_ids:
@@ -406,7 +406,7 @@ def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: 
     live = list(range(n))  # request of each slot
     logits = state.prefill()
     for step in range(config.max_new_tokens):
-        scores = engine._scores(method, logits, len(live), n_branches, step)
+        scores = engine._scores(method, logits, len(live), state.info.names, step)
         if config.do_sample:
             warped = warp(scores, config.temperature, config.top_k, config.top_p)
             chosen = sample(warped, [generators[r] for r in live])
@@ -458,7 +458,7 @@ def _beam_search(engine: Engine, state: _Rows, method: Method, n_branches: int,
 
     for step in range(max_new):
         b = len(live)
-        scores = engine._scores(method, logits, b * nb, n_branches, step)
+        scores = engine._scores(method, logits, b * nb, state.info.names, step)
         log_probs = torch.log_softmax(scores, dim=-1).cpu()  # (b * nb, V)
         vocab = log_probs.shape[-1]
         flat = (log_probs.view(b, nb, vocab) + run_scores[:, :, None]).view(b, nb * vocab)
