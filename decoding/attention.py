@@ -10,9 +10,10 @@ Contract:
   text-only branch must), and per row which keys are image tokens. Edits reach the attention
   function through this context, not through extra ``generate`` kwargs.
 - The attention output of every row comes from SDPA. For the rows and query positions an edit
-  touches (the last query position: the one that produces the next token), the function
-  recomputes attention explicitly for those rows only, ``(n, H, 1, kv)``, applies the edit and
-  replaces their output: no full attention matrix is materialised.
+  touches (the last query position: the one that produces the next token; or the last
+  ``plan.n_new`` when OPERA feeds candidates side by side), the function recomputes attention
+  explicitly for those rows only, ``(n, H, n_new, kv)``, applies the edit and replaces their
+  output: no full attention matrix is materialised.
 
 Edit kinds (:class:`AttentionEdit`):
 - ``edit_logits``: pre-softmax, on the scaled logits ``q k^T * scaling`` with the mask applied
@@ -93,6 +94,10 @@ class EditPlan:
     key_state: dict[str, torch.Tensor] = field(default_factory=dict)
     fresh: dict[str, torch.Tensor] = field(default_factory=dict)
     impl: str = "auto"  # the kernels' dispatch: "auto" (fused kernel on CUDA), "triton", "torch"
+    # How many trailing query positions produce next tokens: 1, or Q side-by-side candidates
+    # (OPERA; the mask is then a 4D tree mask and edits apply to all Q positions).
+    n_new: int = 1
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)  # what edits recorded
 
     def __post_init__(self) -> None:
         self.index = self.rows.nonzero().flatten()
@@ -135,6 +140,7 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
     if plan is None or layer not in plan.layer_set or plan.index.numel() == 0:
         return out, weights
     idx = plan.index.to(out.device)
+    n = plan.n_new  # the trailing query positions that produce next tokens
     pre = [e for e in plan.edits if layer in e.layers()]
     fused = _fused(layer, pre, plan, module, query, key, value, attention_mask, scaling)
     if fused is not None:
@@ -142,10 +148,10 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
         for edit in pre:
             scale = edit.head_scale(layer, plan)
             if scale is not None:
-                out[idx, -1] = out[idx, -1] * scale.to(out.dtype)[:, :, None]
+                out[idx, -n:] = out[idx, -n:] * scale.to(out.dtype)[:, None, :, None]
         return out, weights
     out = out.clone()
-    logits = _last_row_logits(module, query, key, attention_mask, scaling, idx)
+    logits = _last_row_logits(module, query, key, attention_mask, scaling, idx, n)
     edited = False
     for edit in pre:
         new = edit.edit_logits(layer, logits, plan)
@@ -155,11 +161,11 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
         groups = getattr(module, "num_key_value_groups", 1)
         v = repeat_kv(value[idx], groups)  # (n, H, kv, D)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
-        out[idx, -1:] = torch.matmul(probs, v).transpose(1, 2)  # (n, 1, H, D)
+        out[idx, -n:] = torch.matmul(probs, v).transpose(1, 2)  # (n, q, H, D)
     for edit in pre:
         scale = edit.head_scale(layer, plan)
         if scale is not None:
-            out[idx, -1] = out[idx, -1] * scale.to(out.dtype)[:, :, None]
+            out[idx, -n:] = out[idx, -n:] * scale.to(out.dtype)[:, None, :, None]
     inputs = None
     for edit in pre:
         inputs = inputs or AttentionInputs(module, query, key, value, attention_mask,
@@ -176,6 +182,8 @@ def _fused(layer, edits, plan, module, query, key, value, attention_mask, scalin
     from veridical import kernels
 
     impl = plan.impl
+    if plan.n_new > 1:  # side-by-side candidates carry a tree mask the kernel does not take
+        return None
     if impl == "auto":
         impl = "triton" if kernels._triton_serves(query) else "torch"
     if impl != "triton":
@@ -207,17 +215,18 @@ def last_row_mask(plan: EditPlan, n_rows: int, n_q: int, device) -> torch.Tensor
     return rows
 
 
-def _last_row_logits(module, query, key, attention_mask, scaling, idx) -> torch.Tensor:
-    """Scaled, masked logits (n, H, 1, kv) of the last query position of rows ``idx``."""
-    return row_logits(module, query, key, attention_mask, scaling, idx, last_only=True)
+def _last_row_logits(module, query, key, attention_mask, scaling, idx, n: int = 1
+                     ) -> torch.Tensor:
+    """Scaled, masked logits (n, H, n, kv) of the last ``n`` query positions of rows ``idx``."""
+    return row_logits(module, query, key, attention_mask, scaling, idx, last=n)
 
 
-def row_logits(module, query, key, attention_mask, scaling, idx, last_only: bool = False
+def row_logits(module, query, key, attention_mask, scaling, idx, last: int | None = None
                ) -> torch.Tensor:
-    """Scaled, masked logits (n, H, q, kv) of rows ``idx`` (all query positions, or the last),
-    masked keys at the dtype's minimum as the references' eager code."""
+    """Scaled, masked logits (n, H, q, kv) of rows ``idx`` (all query positions, or the
+    ``last`` ones), masked keys at the dtype's minimum as the references' eager code."""
     groups = getattr(module, "num_key_value_groups", 1)
-    q = query[idx, :, -1:, :] if last_only else query[idx]  # (n, H, q, D)
+    q = query[idx, :, -last:, :] if last else query[idx]  # (n, H, q, D)
     k = repeat_kv(key[idx], groups)  # (n, H, kv, D)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     logits = torch.matmul(q, k.transpose(2, 3)) * scale
@@ -226,7 +235,7 @@ def row_logits(module, query, key, attention_mask, scaling, idx, last_only: bool
         causal = torch.ones(n_q, n_k, dtype=torch.bool, device=logits.device).tril(n_k - n_q)
         return logits.masked_fill(~causal, torch.finfo(logits.dtype).min)
     if attention_mask is not None:
-        mask = attention_mask[idx][:, :, -1:, :] if last_only else attention_mask[idx]
+        mask = attention_mask[idx][:, :, -last:, :] if last else attention_mask[idx]
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
         else:

@@ -127,11 +127,16 @@ class _Rows:
         return EditPlan(self.edits, self.info.mask("main"), keys, self.row_data, self.key_state,
                         impl=self.impl)
 
-    def _forward(self, **inputs) -> Any:
-        """One model forward with the edit plan active; keeps the per-key state hooks wrote."""
+    def _forward(self, n_new: int = 1, **inputs) -> Any:
+        """One model forward with the edit plan active (``n_new``: how many trailing query
+        positions are next-token positions); keeps the per-key state hooks wrote and what the
+        edits captured (``self.captured``)."""
         plan = self._plan()
+        if plan is not None:
+            plan.n_new = n_new
         with plan_active(plan):
             out = self.model(**inputs)
+        self.captured = plan.captured if plan is not None else {}
         if plan is not None:
             for name, fresh in plan.fresh.items():
                 past = self.key_state.get(name)
@@ -146,6 +151,7 @@ class _Rows:
         self.batch = {}  # images are consumed; keep no reference
         self.cache = getattr(out, "cache", None) or out.past_key_values
         self.positions = self.positions[..., -1:]
+        self.prompt_end = self.positions  # position of each row's last prompt token
         return out.logits[:, -1, :].float()  # (R, V)
 
     @torch.inference_mode()
@@ -176,6 +182,58 @@ class _Rows:
         self.row_data = {k: v[index] for k, v in self.row_data.items()}
         self.key_state = {k: v[index] for k, v in self.key_state.items()}
         self.positions = self.positions.index_select(-2, index)
+        self.prompt_end = self.prompt_end.index_select(-2, index)
+
+    # Side-by-side candidates (OPERA): Q alternative next tokens per row in one forward. ------
+    @torch.inference_mode()
+    def step_tree(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``Q`` alternative next tokens per row (R, Q) in one forward: each sees the
+        row's cached keys and itself only, all at the row's next position. Returns their
+        logits (R, Q, V); the attention edits' captures are in ``self.captured``. Follow with
+        :meth:`commit`, which keeps one of them (or none) per row."""
+        n_rows, q = tokens.shape
+        length = self.mask.shape[1]
+        visible = torch.cat([self.mask.bool()[:, None, :].expand(n_rows, q, length),
+                             torch.eye(q, dtype=torch.bool, device=self.mask.device)
+                             .expand(n_rows, q, q)], dim=-1)  # (R, Q, L + Q)
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]  # (R, 1, Q, L + Q)
+        if self.image_keys is not None:
+            self.image_keys = torch.cat([self.image_keys, self.image_keys.new_zeros(n_rows, q)], -1)
+        positions = (self.positions + 1).expand(*self.positions.shape[:-1], q)
+        out = self._forward(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                            use_cache=True, **{self.cache_kw: self.cache}, n_new=q)
+        self._pending = q
+        return out.logits.float()
+
+    @torch.inference_mode()
+    def commit(self, choice: torch.Tensor, advance: torch.Tensor) -> None:
+        """After :meth:`step_tree`: row ``r`` keeps candidate ``choice[r]`` as its next token
+        when ``advance[r]``; otherwise the new position is a hole (masked, position not used)."""
+        q = self._pending
+        length = self.mask.shape[1]
+        rows = torch.arange(len(choice), device=choice.device)
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                t[:, :, length] = t[rows, :, length + choice]
+        if q > 1:
+            self.cache.crop(-(q - 1))
+        advance = advance.to(self.mask.device)
+        self.mask = torch.cat([self.mask, advance[:, None].to(self.mask.dtype)], dim=-1)
+        if self.image_keys is not None:
+            self.image_keys = self.image_keys[:, : length + 1]
+        self.key_state = {k: torch.cat([v[:, :length], v[rows, length + choice][:, None]], 1)
+                          for k, v in self.key_state.items()}
+        self.positions = self.positions + advance[:, None].to(self.positions.dtype)
+
+    @torch.inference_mode()
+    def rewind(self, row: int, keep: int, n_response: int) -> None:
+        """Row ``row`` forgets every key from cache index ``keep`` on (they become holes) and
+        continues as if it had ``n_response`` generated tokens."""
+        self.mask[row, keep:] = 0
+        self.positions[..., row, :] = self.prompt_end[..., row, :] + n_response
 
 
 def _prefill_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -308,7 +366,7 @@ class Engine:
                     for k, v in method.prepare(self, requests).items()}
         state = _Rows(self.model, batch, self._cache_kw, info, image_id, edits, row_data,
                       self.attention_impl)
-        search = _beam_search if config.num_beams > 1 else _sample_or_greedy
+        search = method.search() or (_beam_search if config.num_beams > 1 else _sample_or_greedy)
         handles = method.install(self, info)
         previous = use_edits(self.model, self.adapter.multimodal) if edits else None
         try:
@@ -431,41 +489,50 @@ def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: 
     return list(zip(tokens_of, reasons))
 
 
-def _beam_search(engine: Engine, state: _Rows, method: Method, n_branches: int,
-                 config: DecodingConfig, seeds: list[int | None]) -> list[tuple[list[int], str]]:
-    """transformers' beam search, per request, with finished requests leaving the batch."""
-    n, nb = len(seeds), config.num_beams
-    lp, max_new = config.length_penalty, config.max_new_tokens
-    keep_k = max(2, 1 + len(engine.eos_ids)) * nb  # candidates kept per request and step
-    logits = state.prefill()  # (nb_branches * n, V): one row per request and branch
-    # Every beam of a request starts from the same prompt rows.
-    expand = torch.arange(n, device=logits.device).repeat_interleave(nb)
-    rows = _row_index(expand, n, n_branches)
-    state.select(rows)
-    logits = logits[rows]
+@dataclass
+class Beams:
+    """transformers' beam-search bookkeeping for ``b`` requests of ``nb`` beams each: running
+    beams (tokens and summed log-probs) and the finished hypotheses (length-penalised)."""
 
-    live = list(range(n))
-    running = torch.zeros(n, nb, 0, dtype=torch.long)  # generated tokens of running beams
-    run_scores = torch.full((n, nb), -1e9)
-    run_scores[:, 0] = 0.0
-    done_seqs = [[[] for _ in range(nb)] for _ in range(n)]  # finished hypotheses per request
-    done_scores = torch.full((n, nb), -1e9)
-    done_flags = torch.zeros(n, nb, dtype=torch.bool)
-    improvable = torch.ones(n, dtype=torch.bool)
-    best: list[tuple[list[int], str]] = [([], "length")] * n
-    top_nb = torch.arange(keep_k) < nb
-    eos = torch.tensor(engine.eos_ids or [-1])
+    running: torch.Tensor  # (b, nb, t) generated tokens of the running beams
+    scores: torch.Tensor  # (b, nb) summed log-probs of the running beams
+    done_seqs: list[list[list[int]]]  # (b, nb) finished hypotheses
+    done_scores: torch.Tensor  # (b, nb)
+    done_flags: torch.Tensor  # (b, nb) bool: slot holds a real hypothesis
+    improvable: torch.Tensor  # (b,) bool
 
-    for step in range(max_new):
-        b = len(live)
-        scores = engine._scores(method, logits, b * nb, state.info.names, step)
-        log_probs = torch.log_softmax(scores, dim=-1).cpu()  # (b * nb, V)
+    @classmethod
+    def start(cls, b: int, nb: int) -> Beams:
+        scores = torch.full((b, nb), -1e9)
+        scores[:, 0] = 0.0  # only the first beam's candidates count at the first step
+        return cls(torch.zeros(b, nb, 0, dtype=torch.long), scores,
+                   [[[] for _ in range(nb)] for _ in range(b)], torch.full((b, nb), -1e9),
+                   torch.zeros(b, nb, dtype=torch.bool), torch.ones(b, dtype=torch.bool))
+
+    def take(self, keep: torch.Tensor) -> Beams:
+        """The requests ``keep`` (a copy: later steps never change it)."""
+        return Beams(self.running[keep], self.scores[keep],
+                     [[list(h) for h in self.done_seqs[i]] for i in keep.tolist()],
+                     self.done_scores[keep], self.done_flags[keep], self.improvable[keep])
+
+    def advance(self, engine: Engine, log_probs: torch.Tensor, step: int,
+                config: DecodingConfig) -> tuple[torch.Tensor, torch.Tensor, list[tuple | None]]:
+        """One step from next-token log-probs (b * nb, V) of every running beam.
+
+        Returns ``parent`` (b, nb): the beam each new running beam continues, ``complete`` (b,)
+        bool, and per request its best hypothesis ``(ids, reason)`` when complete, else None.
+        The new tokens are ``self.running[:, :, -1]``."""
+        b, nb = self.scores.shape
+        lp, max_new = config.length_penalty, config.max_new_tokens
+        keep_k = max(2, 1 + len(engine.eos_ids)) * nb  # candidates kept per request and step
+        top_nb = torch.arange(keep_k) < nb
+        eos = torch.tensor(engine.eos_ids or [-1])
         vocab = log_probs.shape[-1]
-        flat = (log_probs.view(b, nb, vocab) + run_scores[:, :, None]).view(b, nb * vocab)
+        flat = (log_probs.view(b, nb, vocab) + self.scores[:, :, None]).view(b, nb * vocab)
         cand_scores, cand_index = torch.topk(flat, keep_k, dim=-1)  # (b, K)
         cand_beam, cand_token = cand_index // vocab, cand_index % vocab
         cand_seqs = torch.cat(
-            [torch.gather(running, 1, cand_beam[:, :, None].expand(-1, -1, step)),
+            [torch.gather(self.running, 1, cand_beam[:, :, None].expand(-1, -1, step)),
              cand_token[:, :, None]], dim=-1,
         )  # (b, K, step + 1)
         hits = torch.isin(cand_token, eos)
@@ -480,52 +547,77 @@ def _beam_search(engine: Engine, state: _Rows, method: Method, n_branches: int,
         # Running beams for the next step: the best candidates that did not finish.
         run_cand = cand_scores + hits.float() * -1e9
         next_idx = torch.topk(run_cand, nb, dim=-1).indices  # (b, nb)
-        running = torch.gather(cand_seqs, 1, next_idx[:, :, None].expand(-1, -1, step + 1))
-        run_scores = torch.gather(run_cand, 1, next_idx)
+        self.running = torch.gather(cand_seqs, 1, next_idx[:, :, None].expand(-1, -1, step + 1))
+        self.scores = torch.gather(run_cand, 1, next_idx)
         parent = torch.gather(cand_beam, 1, next_idx)  # (b, nb)
 
         # Finished hypotheses: among the top nb candidates, scored with the length penalty.
         just_done = hits & top_nb[None, :]
         fin = cand_scores / ((step + 1) ** lp)
-        full = done_flags.all(-1, keepdim=True) & (config.early_stopping is True)
-        fin = fin + full.float() * -1e9 + (~improvable[:, None]).float() * -1e9
+        full = self.done_flags.all(-1, keepdim=True) & (config.early_stopping is True)
+        fin = fin + full.float() * -1e9 + (~self.improvable[:, None]).float() * -1e9
         fin = fin + (~just_done).float() * -1e9
-        merged = torch.cat([done_scores, fin], dim=1)
+        merged = torch.cat([self.done_scores, fin], dim=1)
         order = torch.topk(merged, nb, dim=-1).indices
         for i in range(b):
-            pool = done_seqs[i] + [cand_seqs[i, k].tolist() for k in range(keep_k)]
-            done_seqs[i] = [pool[j] for j in order[i].tolist()]
-        done_scores = torch.gather(merged, 1, order)
-        done_flags = torch.gather(torch.cat([done_flags, just_done], dim=1), 1, order)
+            pool = self.done_seqs[i] + [cand_seqs[i, k].tolist() for k in range(keep_k)]
+            self.done_seqs[i] = [pool[j] for j in order[i].tolist()]
+        self.done_scores = torch.gather(merged, 1, order)
+        self.done_flags = torch.gather(torch.cat([self.done_flags, just_done], dim=1), 1, order)
 
         # transformers' early-stop heuristic, then which requests are complete.
         if config.early_stopping == "never" and lp > 0:
             best_len = max_new
         else:
             best_len = step + 1
-        best_running = run_scores[:, 0] / (best_len**lp)
-        worst_done = torch.where(done_flags, done_scores.min(-1, keepdim=True).values, -1e9)
-        improvable = improvable & (best_running[:, None] > worst_done).any(-1)
-        complete = ~improvable | hits.all(-1)
+        best_running = self.scores[:, 0] / (best_len**lp)
+        worst_done = torch.where(self.done_flags, self.done_scores.min(-1, keepdim=True).values,
+                                 -1e9)
+        self.improvable = self.improvable & (best_running[:, None] > worst_done).any(-1)
+        complete = ~self.improvable | hits.all(-1)
         if config.early_stopping is True:
-            complete |= done_flags.all(-1)
+            complete |= self.done_flags.all(-1)
 
+        best: list[tuple | None] = [None] * b
         for i in range(b):
             if complete[i]:
-                ids = done_seqs[i][0]
+                ids = self.done_seqs[i][0]
                 reason = "stop" if (ids and ids[-1] in engine.eos_ids) or (
                     config.stop and engine._finished(ids, config) == "stop") else "length"
-                best[live[i]] = (ids, reason)
+                best[i] = (ids, reason)
+        return parent, complete, best
+
+
+def _beam_search(engine: Engine, state: _Rows, method: Method, n_branches: int,
+                 config: DecodingConfig, seeds: list[int | None]) -> list[tuple[list[int], str]]:
+    """transformers' beam search, per request, with finished requests leaving the batch."""
+    n, nb = len(seeds), config.num_beams
+    logits = state.prefill()  # (nb_branches * n, V): one row per request and branch
+    # Every beam of a request starts from the same prompt rows.
+    expand = torch.arange(n, device=logits.device).repeat_interleave(nb)
+    rows = _row_index(expand, n, n_branches)
+    state.select(rows)
+    logits = logits[rows]
+
+    live = list(range(n))
+    beams = Beams.start(n, nb)
+    best: list[tuple[list[int], str]] = [([], "length")] * n
+    for step in range(config.max_new_tokens):
+        b = len(live)
+        scores = engine._scores(method, logits, b * nb, state.info.names, step)
+        log_probs = torch.log_softmax(scores, dim=-1).cpu()  # (b * nb, V)
+        parent, complete, done = beams.advance(engine, log_probs, step, config)
+        for i in range(b):
+            if done[i] is not None:
+                best[live[i]] = done[i]
         keep = (~complete).nonzero().flatten()
         if keep.numel() == 0:
             break
         # Reorder (and drop) cache rows: beam j of request i continues from its parent beam.
         parents = (keep[:, None] * nb + parent[keep]).flatten().to(logits.device)
         state.select(_row_index(parents, b * nb, n_branches))
-        tokens = running[keep, :, -1].flatten().to(logits.device)
-        running, run_scores, improvable = running[keep], run_scores[keep], improvable[keep]
-        done_scores, done_flags = done_scores[keep], done_flags[keep]
-        done_seqs = [done_seqs[i] for i in keep.tolist()]
+        tokens = beams.running[keep, :, -1].flatten().to(logits.device)
+        beams = beams.take(keep)
         live = [live[i] for i in keep.tolist()]
         logits = state.step(tokens.repeat(n_branches))
     return best
