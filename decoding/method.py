@@ -259,6 +259,12 @@ class Method:
         """Next-token scores (N, V): ``logits`` plus every delta, then APC on ``logits``."""
         return combine_parts([("", self)], logits, branch_logits, step)
 
+    # Search -----------------------------------------------------------------------------------
+    def search(self) -> Callable | None:
+        """A search strategy replacing greedy/sampling/beam search (OPERA), called as
+        ``search(engine, rows, method, n_branches, config, seeds)``; None for the usual ones."""
+        return None
+
     @classmethod
     def describe(cls) -> dict[str, Any]:
         return {

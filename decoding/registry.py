@@ -147,5 +147,13 @@ class Composite(Method):
     def install(self, engine, rows: RowInfo) -> list:
         return [h for p in self.parts for h in p.install(engine, rows.scoped(p.name + "."))]
 
+    def search(self):
+        own = [(p.name, p.search()) for p in self.parts]
+        own = [(name, s) for name, s in own if s is not None]
+        if len(own) > 1:
+            raise ValueError(f"{' and '.join(n for n, _ in own)} are both search strategies; "
+                             "compose at most one of them")
+        return own[0][1] if own else None
+
     def combine(self, logits, branch_logits, step) -> torch.Tensor:
         return combine_parts([(p.name + ".", p) for p in self.parts], logits, branch_logits, step)

@@ -40,3 +40,9 @@ def test_attention_edit_methods_are_refused(images, prompts):
     engine = tiny_engine("llava")
     with pytest.raises(InputError, match="edits attention.*use engine.generate"):
         logits_processor("pai", engine, {"images": [images[0]], "prompts": [prompts[0]]})
+
+
+def test_search_methods_are_refused(images, prompts):
+    engine = tiny_engine("llava")
+    with pytest.raises(InputError, match="search strategy.*use engine.generate"):
+        logits_processor("opera", engine, {"images": [images[0]], "prompts": [prompts[0]]})

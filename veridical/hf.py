@@ -96,6 +96,11 @@ def logits_processor(method: str, engine_or_model: Any, inputs: dict[str, Sequen
                 for i, p in zip(images, prompts)]
     seeds = [seed] * len(prompts) if seed is None or isinstance(seed, int) else list(seed)
     built = resolve(method, args)
+    if built.search() is not None:
+        raise InputError(
+            f"method {built.name!r} is a search strategy, which a logits processor cannot run "
+            "inside model.generate; use engine.generate for it"
+        )
     if built.attention_edits(engine):
         raise InputError(
             f"method {built.name!r} edits attention, which a logits processor cannot do inside "

@@ -1,0 +1,383 @@
+"""OPERA's search: over-trust penalty and retrospection-allocation beam search, batched.
+
+Contract (shikiw/OPERA ``opera_decoding``; shared/spec/methods.md):
+- Beam search in which each beam may only continue with its top ``k`` candidate tokens. All
+  candidates of all beams of all requests are fed side by side in ONE forward per step
+  (``_Rows.step_tree``: each candidate sees its beam's cache and itself), so no forward runs per
+  candidate; the chosen candidate's keys and values are kept (``_Rows.commit``) and its logits
+  are the next step's, so OPERA costs one forward per generated token, as beam search does.
+- For each candidate: its attention row from the LAST layer (max over heads, post-softmax,
+  renormalised to sum 1) over the response so far and itself; with the earlier response rows it
+  forms the lower-triangular window ``A`` (response tokens only). Column score
+  ``1e-7 * prod_{i >= j} (scale * A[i, j])``; over-trust score = the max over columns. The
+  candidate's raw logit loses ``penalty_weights * score``; for the first 10 response tokens it
+  instead gains ``penalty_weights`` x its attention mass on image tokens. Beams then score
+  candidates by ``log_softmax`` over their candidates (other tokens at -999 before it, as the
+  reference), and transformers' beam bookkeeping (``engine.Beams``) picks.
+- Retrospection, per request: each step records, per beam, the column most candidates point at
+  (mode over candidates). When the mode over beams, ``loc`` (>= 10), is the recorded column of
+  more than ``threshold`` steps of EVERY beam, the request rolls back: to position
+  ``loc + 1`` (or ``loc`` once that position has been rolled back to ``num_attn_candidates``
+  times; never more often than that per position), at most ``window`` tokens back. It restores
+  the beams as they were before that position was decided, bans the (beam, token) choices made
+  there (accumulating over rollbacks), and decides again over the full vocabulary. Restored
+  beams reuse the longest prefix any current beam of the request still holds in cache; the
+  keys after it are masked (``_Rows.rewind``) and the missing tokens are fed again, so no
+  prompt is re-run. Other requests keep decoding meanwhile.
+- The reference's restore index is ``min(loc + 1, t - 1)`` for a rollback found while deciding
+  token ``t`` (its history bookkeeping); this module uses the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from veridical.errors import InputError
+
+EARLY_TOKENS = 10  # the first response tokens are judged by their image attention
+MIN_ROLLBACK_LOC = 10  # no rollback to a column before this
+
+
+# ------------------------------------------------------------------------------- pure math
+
+
+def column_products(window: torch.Tensor, scale: float) -> torch.Tensor:
+    """``prod_{i >= j} scale * window[..., i, j]`` for each column ``j`` of lower-triangular
+    attention windows (..., t, t) -> (..., t)."""
+    t = window.shape[-1]
+    lower = torch.ones(t, t, dtype=torch.bool, device=window.device).tril()
+    factors = torch.where(lower, scale * window, torch.ones((), dtype=window.dtype))
+    return factors.prod(dim=-2)
+
+
+def column_scores(window: torch.Tensor, scale: float) -> torch.Tensor:
+    """Over-trust column scores ``1e-7 * column_products(window, scale)`` (the reference's)."""
+    return 1e-7 * column_products(window, scale)
+
+
+def candidate_scores(colprod: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """Column scores for candidates: ``colprod`` (nb, t) = ``prod_{i >= j} scale * A[i, j]`` over
+    a beam's response rows, ``rows`` (nb, k, t + 1) the candidates' rows -> (nb, k, t + 1)."""
+    t = colprod.shape[-1]
+    scaled = scale * rows
+    return 1e-7 * torch.cat([colprod[:, None, :] * scaled[..., :t], scaled[..., t:]], dim=-1)
+
+
+def penalty(scores: torch.Tensor, image_mass: torch.Tensor, n_response: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penalty (nb, k), column of the max (nb, k)) for candidates deciding response token
+    ``n_response - 1``: minus the image attention mass for the first 10 tokens, else the
+    over-trust score."""
+    best, loc = scores.max(dim=-1)
+    return (-image_mass if n_response <= EARLY_TOKENS else best), loc
+
+
+def rollback_target(history: torch.Tensor, loc: int, threshold: int) -> bool:
+    """Whether the column ``loc`` recurs more than ``threshold`` times in EVERY beam's history
+    (nb, steps) of recorded columns (and ``loc`` is not among the first 10)."""
+    if loc < MIN_ROLLBACK_LOC:
+        return False
+    return bool(((history == loc).sum(-1) > threshold).all())
+
+
+# ------------------------------------------------------------------------------- the search
+
+
+@dataclass(frozen=True)
+class OperaSettings:
+    beams: int = 5
+    scale_factor: float = 50.0
+    threshold: int = 15
+    candidates: int = 5
+    penalty_weights: float = 1.0
+    window: int = 512
+
+
+@dataclass
+class _Seq:
+    """OPERA's state of one request (its ``nb`` beams are consecutive slots)."""
+
+    index: int
+    beams: Any  # engine.Beams of this request alone
+    logits: torch.Tensor  # (n_branches * nb, V) rows predicting the next token
+    nb: int
+    scale: float
+    t: int = 0  # the response token being decided
+    tokens: list[list[int]] = field(default_factory=list)  # per slot: response tokens in cache
+    resp: list[list[int]] = field(default_factory=list)  # per slot: their cache indices
+    colprod: torch.Tensor | None = None  # (nb, t)
+    rows: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # prefix -> row
+    history: list[Any] = field(default_factory=list)  # beams at the start of each step
+    chosen: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> flat choices
+    locs: list[torch.Tensor] = field(default_factory=list)  # step -> (nb,) recorded column
+    rolled: dict[int, int] = field(default_factory=dict)  # rollbacks per position
+    bans: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> banned flat indices
+    replay: list[list[int]] | None = None  # tokens still to feed per slot
+    then: str = ""  # after the replay: "redo" (decide again) or "go" (decode on)
+    pending: list[torch.Tensor | None] = field(default_factory=list)
+    rollbacks: int = 0
+    cand: torch.Tensor | None = None  # (nb, k) candidate tokens of this step
+    cand_logit: torch.Tensor | None = None  # (nb, k) their scores
+    result: tuple[list[int], str] | None = None
+
+
+def opera_search(engine: Any, state: Any, method: Any, n_branches: int, config: Any,
+                 seeds: list[int | None], opts: OperaSettings, trace: list | None = None
+                 ) -> list[tuple[list[int], str]]:
+    """Decode every request with OPERA (see the module docstring); ``trace`` (a list) receives
+    one dict per normal step for tests."""
+    from .engine import Beams, _row_index
+
+    if config.do_sample:
+        raise InputError("opera is a beam search: use do_sample=False")
+    if config.num_beams not in (1, opts.beams):
+        raise InputError(f"opera sets its beams itself (beams={opts.beams}); leave num_beams at "
+                         f"1 or pass the method argument beams={config.num_beams}")
+    n, nb, k = len(seeds), opts.beams, opts.candidates
+    names = state.info.names
+    logits = state.prefill()
+    expand = torch.arange(n, device=logits.device).repeat_interleave(nb)
+    rows = _row_index(expand, n, n_branches)
+    state.select(rows)
+    logits = logits[rows]
+    seqs = []
+    for i in range(n):
+        slots = torch.arange(i * nb, (i + 1) * nb, device=logits.device)
+        seqs.append(_Seq(i, Beams.start(1, nb), logits[_row_index(slots, n * nb, n_branches)],
+                         nb, opts.scale_factor, tokens=[[] for _ in range(nb)], resp=[[] for _ in range(nb)],
+                         colprod=torch.zeros(nb, 0, device=logits.device)))
+    results: list[tuple[list[int], str]] = [([], "length")] * n
+    pad = engine.pad_id
+    limit = config.max_new_tokens * (2 + 2 * k) + 64  # rollbacks are bounded; this is a guard
+    for _ in range(limit):
+        if not seqs:
+            break
+        n_slots = len(seqs) * nb
+        feed = torch.full((n_slots, k), pad, dtype=torch.long, device=logits.device)
+        for q, sq in enumerate(seqs):
+            if sq.replay is None:
+                scores = engine._scores(method, sq.logits, nb, names, sq.t)
+                sq.cand_logit, sq.cand = scores.topk(k, dim=-1)  # (nb, k)
+                feed[q * nb:(q + 1) * nb] = sq.cand
+            else:
+                for j, todo in enumerate(sq.replay):
+                    if todo:
+                        feed[q * nb + j] = todo[0]
+        out = state.step_tree(feed.repeat(n_branches, 1))  # (R, k, V)
+        probs = state.captured["opera"]  # (n_slots, k, L + k): max over heads
+        length = state.mask.shape[1]
+        image = state.image_keys  # (R, L + k), None for text-only models
+        if image is None:
+            image = torch.zeros(probs.shape[0], probs.shape[-1], dtype=torch.bool,
+                                device=probs.device)
+        index, choice, advance, rewinds, keep = [], [], [], [], []
+        for q, sq in enumerate(seqs):
+            base = q * nb
+            slot_rows = slice(base, base + nb)
+            if sq.replay is None:
+                step = _normal_step(engine, sq, probs[slot_rows], image[slot_rows].float(), out,
+                                    length, base, n_slots, n_branches, opts, config, trace)
+            else:
+                step = _replay_step(engine, method, sq, probs[slot_rows], out, length, base,
+                                    n_slots, n_branches, names, config)
+            if step is None:  # complete
+                results[sq.index] = sq.result
+                continue
+            parents, picks, moves, rw = step
+            offset = len(index)
+            index += [base + p for p in parents]
+            choice += picks
+            advance += moves
+            rewinds += [(offset + j, keep_at, m) for j, keep_at, m in rw]
+            keep.append(sq)
+        seqs = keep
+        if not seqs:
+            break
+        slots = torch.tensor(index, device=logits.device)
+        state.select(_row_index(slots, n_slots, n_branches))
+        state.commit(torch.tensor(choice, device=logits.device).repeat(n_branches),
+                     torch.tensor(advance, device=logits.device).repeat(n_branches))
+        for row, keep_at, m in rewinds:
+            for b in range(n_branches):
+                state.rewind(b * len(index) + row, keep_at, m)
+    else:
+        raise RuntimeError("opera: the step guard was reached; please report this")
+    return results
+
+
+def _branch_rows(slot: int, n_slots: int, n_branches: int) -> list[int]:
+    return [b * n_slots + slot for b in range(n_branches)]
+
+
+def _normalised(probs: torch.Tensor, columns: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Rows (nb, k, kv) -> response-order rows (nb, k, t + 1): the response keys ``columns``
+    (nb, t), then each candidate's own key ``own`` (k,), divided by the row's total."""
+    nb, k, _ = probs.shape
+    total = probs.sum(-1, keepdim=True)
+    resp = probs.gather(-1, columns[:, None, :].expand(nb, k, columns.shape[-1]))
+    itself = probs.gather(-1, own[None, :, None].expand(nb, k, 1))
+    return torch.cat([resp, itself], dim=-1) / total
+
+
+def _normal_step(engine, sq: _Seq, probs, image, out, length, base, n_slots, n_branches,
+                 opts: OperaSettings, config, trace):
+    nb, k, t = sq.nb, opts.candidates, sq.t
+    device = probs.device
+    columns = torch.tensor(sq.resp, dtype=torch.long, device=device).view(nb, t)
+    own = length + torch.arange(k, device=device)
+    rows = _normalised(probs, columns, own)  # (nb, k, t + 1)
+    image_mass = (probs * image[:, None, :]).sum(-1) / probs.sum(-1)
+    scores = candidate_scores(sq.colprod, rows, opts.scale_factor)
+    pen, loc = penalty(scores, image_mass, t + 1)
+    row_mode = loc.mode(dim=-1).values  # (nb,)
+    sq.history.append(sq.beams.take(torch.tensor([0])))
+    sq.locs.append(row_mode)
+    target = int(row_mode.mode().values)
+    penalised = sq.cand_logit - opts.penalty_weights * pen.to(sq.cand_logit.dtype)
+    if trace is not None:
+        trace.append({"request": sq.index, "t": t, "candidates": sq.cand.clone(),
+                      "tokens": [list(x) for x in sq.tokens],
+                      "rows": rows.clone(), "scores": scores.clone(), "penalty": pen.clone(),
+                      "image_mass": image_mass.clone(), "loc": target})
+    if rollback_target(torch.stack(sq.locs, -1), target, opts.threshold):
+        to = target + 1
+        if sq.rolled.get(to, 0) >= opts.candidates:
+            to -= 1
+        if sq.rolled.get(to, 0) < opts.candidates:
+            sq.rolled[to] = sq.rolled.get(to, 0) + 1
+            if (t + 1) - to > opts.window + 1:
+                to = max(1, t + 1 - opts.window - 1)
+            return _rollback(sq, min(to, t - 1), length, trace)
+    vocab = sq.cand_logit.new_full((nb, out.shape[-1]), -999.0)
+    vocab.scatter_(1, sq.cand, penalised)
+    return _decide(engine, sq, torch.log_softmax(vocab, dim=-1), out, length, base, n_slots,
+                   n_branches, config, rows=rows)
+
+
+def _decide(engine, sq: _Seq, log_probs, out, length, base, n_slots, n_branches, config,
+            rows=None):
+    """One beam step of ``sq`` from log-probs (nb, V); returns the rows' moves or None."""
+    nb, t = sq.nb, sq.t
+    vocab = log_probs.shape[-1]
+    parent, complete, best = sq.beams.advance(engine, log_probs.cpu(), t, config)
+    token = sq.beams.running[0, :, -1]
+    sq.chosen[t] = parent[0] * vocab + token
+    if complete[0]:
+        sq.result = best[0]
+        return None
+    parents = parent[0].tolist()
+    if rows is None:  # after a rollback: the chosen tokens are fed next (a one-token replay)
+        sq.tokens = [list(sq.tokens[p]) for p in parents]
+        sq.resp = [list(sq.resp[p]) for p in parents]
+        sq.replay, sq.then = [[int(x)] for x in token], "go"
+        sq.pending = [None] * nb
+        return parents, [0] * nb, [False] * nb, []
+    device = rows.device
+    par = parent[0].to(device)
+    tok = token.to(device)
+    hit = sq.cand[par] == tok[:, None]  # (nb, k)
+    # a token outside its parent's candidates only fills a beam at -999 (too few candidates,
+    # e.g. one per beam): it never wins, and its row keeps the first candidate's cache
+    pick = torch.where(hit.any(-1), hit.float().argmax(-1), 0)
+    chosen = rows[par, pick]  # (nb, t + 1)
+    sq.colprod = torch.cat([sq.colprod[par] * sq.scale * chosen[:, :t],
+                            sq.scale * chosen[:, t:]], dim=-1)
+    out_rows = (torch.arange(n_branches, device=device)[:, None] * n_slots + base + par).flatten()
+    sq.logits = out[out_rows, pick.repeat(n_branches)]  # branch-major (n_branches * nb, V)
+    new_tokens = token.tolist()
+    sq.tokens = [sq.tokens[p] + [x] for p, x in zip(parents, new_tokens)]
+    sq.resp = [sq.resp[p] + [length] for p in parents]
+    for j, toks in enumerate(sq.tokens):
+        sq.rows[tuple(toks)] = chosen[j]
+    sq.t = t + 1
+    return parents, pick.tolist(), [True] * nb, []
+
+
+def _rollback(sq: _Seq, r: int, length: int, trace):
+    """Restore the beams at the start of step ``r``; their rows resume from the longest prefix a
+    current row holds, and replay the rest."""
+    ban = sq.chosen[r]
+    sq.bans[r] = ban if r not in sq.bans else torch.cat([sq.bans[r], ban])
+    for later in [s for s in sq.bans if s > r]:
+        del sq.bans[later]
+    restored = sq.history[r]
+    sq.history, sq.locs = sq.history[:r + 1], sq.locs[:r + 1]
+    sq.beams = restored.take(torch.tensor([0]))
+    sq.t = r
+    sq.rollbacks += 1
+    if trace is not None:
+        trace.append({"request": sq.index, "rollback_to": r})
+    parents, rewinds, tokens, resp, replay = [], [], [], [], []
+    for j in range(sq.nb):
+        prefix = sq.beams.running[0, j].tolist()
+        best_src, best_m = 0, -1
+        for src, have in enumerate(sq.tokens):
+            m = 0
+            while m < min(len(have), len(prefix)) and have[m] == prefix[m]:
+                m += 1
+            if m > best_m:
+                best_src, best_m = src, m
+        m = min(best_m, r - 1)
+        parents.append(best_src)
+        rewinds.append((j, sq.resp[best_src][m], m))
+        tokens.append(prefix[:m])
+        resp.append(sq.resp[best_src][:m])
+        replay.append(prefix[m:])
+    sq.tokens, sq.resp, sq.replay, sq.then = tokens, resp, replay, "redo"
+    sq.pending = [None] * sq.nb
+    return parents, [0] * sq.nb, [False] * sq.nb, rewinds
+
+
+def _replay_step(engine, method, sq: _Seq, probs, out, length, base, n_slots, n_branches,
+                 names, config):
+    """Feed one pending token per slot; when all are fed, decide again (after a rollback) or
+    go back to normal steps."""
+    nb = sq.nb
+    moves = []
+    for j in range(nb):
+        todo = sq.replay[j]
+        if not todo:
+            moves.append(False)
+            continue
+        token = todo.pop(0)
+        columns = torch.tensor(sq.resp[j], dtype=torch.long, device=probs.device)
+        p = probs[j, 0]
+        row = torch.cat([p[columns], p[length:length + 1]]) / p.sum()
+        sq.tokens[j].append(token)
+        sq.resp[j].append(length)
+        sq.rows[tuple(sq.tokens[j])] = row
+        moves.append(True)
+        if not todo:
+            sq.pending[j] = out[_branch_rows(base + j, n_slots, n_branches), 0]
+    if any(sq.replay):
+        return list(range(nb)), [0] * nb, moves, []
+    logits = torch.stack(sq.pending, dim=1).flatten(0, 1)  # (n_branches * nb, V)
+    if sq.then == "go":
+        sq.replay = None
+        sq.logits = logits
+        sq.t += 1
+        sq.colprod = torch.stack([_colprod(sq, toks) for toks in sq.tokens])
+        return list(range(nb)), [0] * nb, moves, []
+    # redo: the full vocabulary, shifted below zero, the banned choices at -999 (the reference)
+    scores = engine._scores(method, logits, nb, names, sq.t)
+    shifted = scores - (999.0 + scores.min(dim=-1, keepdim=True).values)
+    flat = shifted.reshape(-1)
+    flat[sq.bans[sq.t].to(flat.device)] = -999.0
+    step = _decide(engine, sq, torch.log_softmax(flat.view(nb, -1), dim=-1), out, length, base,
+                   n_slots, n_branches, config)
+    if step is None:
+        return None
+    parents, picks, _, _ = step
+    return parents, picks, [moves[p] for p in parents], []
+
+
+def _colprod(sq: _Seq, tokens: list[int]) -> torch.Tensor:
+    """``prod_{i >= j} scale * A[i, j]`` over the stored rows of a beam's response."""
+    t = len(tokens)
+    window = torch.zeros(t, t, device=sq.logits.device)
+    for i in range(t):
+        window[i, : i + 1] = sq.rows[tuple(tokens[: i + 1])]
+    return column_products(window, sq.scale)
