@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from veridical.cli import main
 
 
@@ -21,3 +23,16 @@ def test_demo_quick(tmp_path, monkeypatch, capsys):
     f1 = intervals["vcd"]["adversarial_f1"]
     assert f1["ci"][0] <= f1["value"] <= f1["ci"][1] and "diff_ci" in f1
     assert "diff" not in intervals["none"]["chair_i"]
+
+
+@pytest.mark.slow  # a second demo run (minutes on 2 cores)
+def test_demo_compares_opera_with_beam_search(tmp_path, monkeypatch):
+    monkeypatch.setenv("VERIDICAL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--methods", "opera_fast", "--output", str(out)]) == 0
+    demo = json.loads((out / "demo.json").read_text())
+    assert [r["method"] for r in demo["rows"]] == ["none", "beam5", "opera_fast"]
+    record = json.loads((out / "beam5" / "chair" / "results.json").read_text())
+    assert record["run"]["decoding"]["num_beams"] == 5 and record["run"]["method"] == "none"
+    chair_i = demo["intervals"]["opera_fast"]["chair_i"]
+    assert "diff_beam_ci" in chair_i and "diff_beam" not in demo["intervals"]["beam5"]["chair_i"]

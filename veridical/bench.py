@@ -3,7 +3,8 @@
 ``bench_engine``: tokens per second of ``Engine.generate`` and of transformers'
 ``model.generate`` on the same model, requests and batch sizes, greedy.
 ``bench_methods``: per-token time of every registered method (at its defaults) divided by the
-baseline's, on the same model, requests and batch sizes, greedy.
+baseline's, on the same model, requests and batch sizes, greedy; search strategies (OPERA, 5
+beams) also against our beam search with 5 beams.
 Both alternate the contenders several times and keep each one's best time, so that machine
 noise hits all alike.
 """
@@ -88,8 +89,10 @@ def bench_engine(engine, batch_sizes: list[int], max_new_tokens: int = 32,
     return rows
 
 
-def _method_tokens(engine, images, prompts, max_new_tokens: int, method: str) -> int:
-    results = engine.generate(images, prompts, method=method, max_new_tokens=max_new_tokens)
+def _method_tokens(engine, images, prompts, max_new_tokens: int, method: str,
+                   num_beams: int = 1) -> int:
+    results = engine.generate(images, prompts, method=method, max_new_tokens=max_new_tokens,
+                              num_beams=num_beams)
     return sum(r.completion_tokens for r in results)
 
 
@@ -128,10 +131,21 @@ def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = No
         fns = {m: partial(_method_tokens, engine, images, prompts, max_new_tokens, m)
                for m in methods}
         fns["none (eager)"] = partial(_eager_tokens, engine, images, prompts, max_new_tokens)
+        searches = [m for m in methods if m.startswith("opera")]
+        if searches:  # OPERA is a beam search: also compare with ours at its beams
+            fns[BEAM] = partial(_method_tokens, engine, images, prompts, max_new_tokens, "none",
+                                num_beams=5)
         timed = time_alternating(fns, repeats)
         base_t, base_n = timed["none"]
         for m in fns:
             t, n = timed[m]
-            rows.append({"batch_size": batch_size, "method": m, "tokens_per_s": n / t,
-                         "tokens": n, "time_per_token_ratio": (t / n) / (base_t / base_n)})
+            row = {"batch_size": batch_size, "method": m, "tokens_per_s": n / t,
+                   "tokens": n, "time_per_token_ratio": (t / n) / (base_t / base_n)}
+            if m in searches:
+                beam_t, beam_n = timed[BEAM]
+                row["time_per_token_vs_beam"] = (t / n) / (beam_t / beam_n)
+            rows.append(row)
     return rows
+
+
+BEAM = "none (beam search, 5 beams)"

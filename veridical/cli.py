@@ -158,6 +158,8 @@ def cmd_bench_methods(args: argparse.Namespace) -> int:
         ("method", lambda r: r["method"]),
         ("tok/s", lambda r: f"{r['tokens_per_s']:.1f}"),
         ("time/token vs none", lambda r: f"{r['time_per_token_ratio']:.2f}x"),
+        ("vs beam search", lambda r: f"{r['time_per_token_vs_beam']:.2f}x"
+         if "time_per_token_vs_beam" in r else ""),
     ])
     return 0
 

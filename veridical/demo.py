@@ -35,13 +35,14 @@ def _eval(argv: list[str], engine) -> dict:
     return evaluate(args, engine=engine, quiet=True)
 
 
-def intervals(output: str, names: list[str], draws: int = 1000) -> dict[str, dict]:
-    """Per method: value [95% CI] and paired difference to ``none`` [95% CI] of POPE random
-    and adversarial F1 and accuracy and of CHAIR_s / CHAIR_i (image-level bootstrap)."""
+BEAM = "beam5"  # the baseline with 5-beam search: what OPERA (5 beams) is compared with
+
+
+def _bootstrapped(folder: Path, names: list[str], draws: int) -> dict[str, dict]:
+    """value [95% CI] of every metric per run, and the paired difference to ``names[0]``."""
     from .evals import stats
     from .evals.runner import _samples
 
-    folder = Path(output)
     out: dict[str, dict] = {n: {} for n in names}
     for split in ("random", "adversarial"):
         counts = [stats.pope_counts(_samples(str(folder / n / f"pope-{split}")), None)
@@ -56,6 +57,22 @@ def intervals(output: str, names: list[str], draws: int = 1000) -> dict[str, dic
     return out
 
 
+def intervals(output: str, names: list[str], draws: int = 1000) -> dict[str, dict]:
+    """Per method: value [95% CI] and paired difference to ``none`` [95% CI] of POPE random
+    and adversarial F1 and accuracy and of CHAIR_s / CHAIR_i (image-level bootstrap); search
+    methods (OPERA) also get their paired difference to ``beam5`` (``diff_beam``)."""
+    folder = Path(output)
+    out = _bootstrapped(folder, names, draws)
+    searches = [n for n in names if n.startswith("opera")]
+    if BEAM in names and searches:
+        vs_beam = _bootstrapped(folder, [BEAM, *searches], draws)
+        for n in searches:
+            for key, entry in vs_beam[n].items():
+                out[n][key]["diff_beam"] = entry["diff"]
+                out[n][key]["diff_beam_ci"] = entry["diff_ci"]
+    return out
+
+
 def markdown(ci: dict[str, dict]) -> str:
     """The interval table as markdown (value [CI], and for methods the paired difference)."""
     keys = ("random_f1", "adversarial_f1", "adversarial_acc", "chair_s", "chair_i", "recall")
@@ -67,6 +84,9 @@ def markdown(ci: dict[str, dict]) -> str:
             text = f"{e['value']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
             if "diff" in e:
                 text += f"<br>Δ {e['diff']:+.3f} [{e['diff_ci'][0]:+.3f}, {e['diff_ci'][1]:+.3f}]"
+            if "diff_beam" in e:
+                lo, hi = e["diff_beam_ci"]
+                text += f"<br>Δbeam {e['diff_beam']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
             cells.append(text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -83,14 +103,17 @@ def run_demo(model: str | None = None, output: str = "runs/demo", quick: bool = 
     engine = veridical.load(ref)
     names = methods or applicable_methods(engine)
     names = ["none", *[m for m in names if m != "none"]]
+    if any(n.startswith("opera") for n in names) and BEAM not in names:
+        names.insert(1, BEAM)
     if quick:
         pope_questions, chair_images = 8, 3
     rows = []
     for name in names:
         start = time.perf_counter()
         row: dict = {"method": name}
-        common = ["--model", ref, "--data", "builtin:synthcoco", "--method", name,
-                  "--batch-size", str(batch_size)]
+        common = ["--model", ref, "--data", "builtin:synthcoco", "--batch-size", str(batch_size),
+                  *(["--method", "none", "--num-beams", "5"] if name == BEAM
+                    else ["--method", name])]
         for split in ("random", "adversarial"):
             out = Path(output) / name / f"pope-{split}"
             res = _eval(["pope", *common, "--split", split, "--limit", str(pope_questions),
@@ -103,7 +126,8 @@ def run_demo(model: str | None = None, output: str = "runs/demo", quick: bool = 
         row.update({k: res["metrics"][k] for k in ("chair_s", "chair_i", "recall")})
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
-    table = Table(title=f"veridical demo: {ref} on builtin:synthcoco (test split), greedy; "
+    table = Table(title=f"veridical demo: {ref} on builtin:synthcoco (test split), greedy "
+                        f"({BEAM} and opera: 5 beams); "
                         f"POPE {pope_questions} questions per split, CHAIR {chair_images} images")
     cols = ("method", "random_acc", "random_f1", "adversarial_acc", "adversarial_f1",
             "chair_s", "chair_i", "recall", "seconds")
@@ -117,7 +141,8 @@ def run_demo(model: str | None = None, output: str = "runs/demo", quick: bool = 
     console.print(table)
     ci = intervals(output, names, draws) if draws else {}
     if ci:
-        print("\n95% bootstrap intervals over images; Δ = paired difference to none:\n")
+        print("\n95% bootstrap intervals over images; Δ = paired difference to none (greedy), "
+              f"Δbeam = to {BEAM}:\n")
         print(markdown(ci))
     Path(output).mkdir(parents=True, exist_ok=True)
     (Path(output) / "demo.json").write_text(
