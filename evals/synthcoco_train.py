@@ -575,17 +575,18 @@ def train(world_dir: str | Path, out: str | Path, cfg: TrainConfig, *,
     init_info = None
     if init is not None:
         init = Path(init)
-        if (init / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            weights = load_file(init / "model.safetensors")
-            init_info = {"from": str(init), "kind": "model folder"}
-        elif (init / "checkpoint" / "state.pt").is_file():
+        if (init / "checkpoint" / "state.pt").is_file():  # a run folder: its latest state
             saved_init = torch.load(init / "checkpoint" / "state.pt", weights_only=False)
             weights = saved_init["model"]
             init_info = {"from": str(init), "kind": "checkpoint",
                          "stage": saved_init["state"]["stage"], "step": saved_init["state"]["step"],
                          "config": saved_init["config"]}
+        elif (init / "model.safetensors").is_file():
+            import transformers
+
+            # from_pretrained maps the saved (hub-layout) names back to the module's
+            weights = transformers.LlavaForConditionalGeneration.from_pretrained(init).state_dict()
+            init_info = {"from": str(init), "kind": "model folder"}
         else:
             raise ValueError(f"init={str(init)!r} holds neither model.safetensors nor "
                              "checkpoint/state.pt; point at a trained model or a run folder")
