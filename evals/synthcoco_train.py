@@ -89,8 +89,8 @@ with
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training setting; defaults are the first attempt's recipe (not yet shipped: it
-    did not reach the organism targets)."""
+    """Every training setting; defaults are the first (unshipped) attempt's recipe. The shipped
+    model's two commands are in its model card (veridical/builtin/synthcoco-llava/README.md)."""
 
     seed: int = field(default=0, metadata={"help": "seed of weights and batches"})
     # stage 1: the vision tower alone
@@ -859,8 +859,8 @@ def add_world_subcommands(world_subparsers: Any) -> argparse.ArgumentParser:
                    help="stop after this stage-2 step, keeping the checkpoint (a rerun resumes; "
                         "it may change --steps, which is recorded)")
     group = p.add_argument_group(
-        "training settings (defaults: the first attempt's recipe, which did not reach the "
-        "organism targets; see the README)")
+        "training settings (defaults: the first, unshipped attempt's recipe; the shipped "
+        "model's two commands are in veridical/builtin/synthcoco-llava/README.md)")
     for f in dataclasses.fields(TrainConfig):
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
                            default=None, help=f"{f.metadata.get('help', '')} (default: {f.default})")
