@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo", help="results folder (rerun to resume)")
     demo.add_argument("--quick", action="store_true", help="a few items only (for CI)")
     demo.add_argument("--methods", default=None, help="comma list (default: all applicable)")
-    demo.add_argument("--pope-questions", type=int, default=600, help="per POPE split")
-    demo.add_argument("--chair-images", type=int, default=100)
+    demo.add_argument("--pope-questions", type=int, default=300, help="per POPE split")
+    demo.add_argument("--chair-images", type=int, default=80)
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--bootstrap", type=int, default=1000,
                       help="bootstrap draws for the interval table (0 = none)")
