@@ -88,12 +88,14 @@ def rollback_target(history: torch.Tensor, loc: int, threshold: int) -> bool:
 
 @dataclass(frozen=True)
 class OperaSettings:
-    beams: int = 5
-    scale_factor: float = 50.0
-    threshold: int = 15
-    candidates: int = 5
-    penalty_weights: float = 1.0
-    window: int = 512
+    """The method's validated parameters (defaults: ``methods/opera.py``)."""
+
+    beams: int
+    scale_factor: float
+    threshold: int
+    candidates: int
+    penalty_weights: float
+    window: int
 
 
 @dataclass
