@@ -69,7 +69,9 @@ def load(ref: str, device: str | None = None, dtype: Any = None):
                 f"built-in model {name!r} is not shipped in this installation; available: "
                 f"{', '.join(available) or 'none yet'} (or use tiny-random:<arch>)"
             )
-        ref = str(path)
+        engine = _load_pretrained(str(path), device, torch_dtype, Engine)
+        engine.name = ref  # messages and profiles name it as the user did
+        return engine
     return _load_pretrained(ref, device, torch_dtype, Engine)
 
 
