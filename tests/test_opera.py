@@ -29,6 +29,9 @@ class TopKBeams(Method):
         super().__init__()
         self.k, self.inner = k, inner
 
+    def branches(self):
+        return self.inner.branches() if self.inner else []
+
     def attention_edits(self, engine):
         return self.inner.attention_edits(engine) if self.inner else []
 
@@ -59,17 +62,20 @@ def test_penalty_and_rollback_off_equal_topk_beam_search(arch, k, images, prompt
     assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
 
 
-def test_composes_with_an_attention_edit(images, prompts):
-    """opera+pai with OPERA's penalty off = top-k beam search with PAI's edit on every
-    candidate position (the edit reaches all side-by-side candidates)."""
+@pytest.mark.parametrize("other, args", [("pai", {"alpha": 0.5, "gamma": 1.0}),
+                                         ("vcd", {"alpha": 1.0})])
+def test_composes_with_edits_and_branches(other, args, images, prompts):
+    """opera+pai / opera+vcd with OPERA's penalty off = top-k beam search over PAI's edited or
+    VCD's contrasted scores (the edit reaches every side-by-side candidate; the branch rows get
+    the same candidates)."""
     engine = tiny_engine("llava")
-    method = resolve("opera+pai", {"opera": OFF, "pai": {"alpha": 0.5, "gamma": 1.0}})
+    method = resolve(f"opera+{other}", {"opera": OFF, other: args})
     got = engine.generate(images[:2], prompts[:2], method=method, max_new_tokens=10)
-    want = engine.generate(images[:2], prompts[:2], method=TopKBeams(5, resolve(
-        "pai", {"alpha": 0.5, "gamma": 1.0})), num_beams=5, max_new_tokens=10)
+    want = engine.generate(images[:2], prompts[:2], method=TopKBeams(5, resolve(other, args)),
+                           num_beams=5, max_new_tokens=10)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     plain = engine.generate(images[:2], prompts[:2], method=opera(**OFF), max_new_tokens=10)
-    assert [g.token_ids for g in got] != [p.token_ids for p in plain]  # the edit acted
+    assert [g.token_ids for g in got] != [p.token_ids for p in plain]  # the other method acted
 
 
 def test_scores_equal_direct_computation_on_materialised_attention(images):
