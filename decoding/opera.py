@@ -149,11 +149,14 @@ def opera_search(engine: Any, state: Any, method: Any, n_branches: int, config: 
     for i in range(n):
         slots = torch.arange(i * nb, (i + 1) * nb, device=logits.device)
         seqs.append(_Seq(i, Beams.start(1, nb), logits[_row_index(slots, n * nb, n_branches)],
-                         nb, opts.scale_factor, tokens=[[] for _ in range(nb)], resp=[[] for _ in range(nb)],
+                         nb, opts.scale_factor, tokens=[[] for _ in range(nb)],
+                         resp=[[] for _ in range(nb)],
                          colprod=torch.zeros(nb, 0, device=logits.device)))
     results: list[tuple[list[int], str]] = [([], "length")] * n
     pad = engine.pad_id
-    limit = config.max_new_tokens * (2 + 2 * k) + 64  # rollbacks are bounded; this is a guard
+    # A guard only: each position is rolled back to at most 2k times (k at loc + 1, k at loc),
+    # and a rollback replays at most the tokens decoded so far.
+    limit = (config.max_new_tokens + 2) * (1 + 2 * k * (config.max_new_tokens + 2))
     for _ in range(limit):
         if not seqs:
             break
