@@ -647,8 +647,9 @@ def test_graceful_shutdown_finishes_requests_in_flight(gated):
         def refused() -> bool:  # no new connections once shutting down
             try:
                 httpx.get(gated.url + "/health", timeout=5)
-            except (httpx.ConnectError, httpx.RemoteProtocolError):
-                # refused, or accepted in the instant shutdown began and closed unanswered
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                # refused, or accepted in the instant shutdown began and then reset or closed
+                # unanswered: either way not served
                 return True
             return False
 
