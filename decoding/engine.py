@@ -118,22 +118,20 @@ class _Rows:
         self.positions = _prefill_positions(model, batch)  # (..., R, T): batch dim is -2
         self.cache = None
 
-    def _plan(self) -> EditPlan | None:
+    def _plan(self, n_new: int) -> EditPlan | None:
         if not self.edits:
             return None
         keys = self.image_keys
         if keys is None:
             keys = torch.zeros_like(self.mask, dtype=torch.bool)
         return EditPlan(self.edits, self.info.mask("main"), keys, self.row_data, self.key_state,
-                        impl=self.impl)
+                        impl=self.impl, n_new=n_new)
 
     def _forward(self, n_new: int = 1, **inputs) -> Any:
         """One model forward with the edit plan active (``n_new``: how many trailing query
         positions are next-token positions); keeps the per-key state hooks wrote and what the
         edits captured (``self.captured``)."""
-        plan = self._plan()
-        if plan is not None:
-            plan.n_new = n_new
+        plan = self._plan(n_new)
         with plan_active(plan):
             out = self.model(**inputs)
         self.captured = plan.captured if plan is not None else {}
@@ -196,7 +194,7 @@ class _Rows:
         visible = torch.cat([self.mask.bool()[:, None, :].expand(n_rows, q, length),
                              torch.eye(q, dtype=torch.bool, device=self.mask.device)
                              .expand(n_rows, q, q)], dim=-1)  # (R, Q, L + Q)
-        dtype = next(self.model.parameters()).dtype
+        dtype = self.model.dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
         mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]  # (R, 1, Q, L + Q)
         if self.image_keys is not None:

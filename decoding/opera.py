@@ -37,6 +37,8 @@ import torch
 
 from veridical.errors import InputError
 
+from .engine import Beams, _row_index
+
 EARLY_TOKENS = 10  # the first response tokens are judged by their image attention
 MIN_ROLLBACK_LOC = 10  # no rollback to a column before this
 
@@ -120,7 +122,6 @@ class _Seq:
     replay: list[list[int]] | None = None  # tokens still to feed per slot
     then: str = ""  # after the replay: "redo" (decide again) or "go" (decode on)
     pending: list[torch.Tensor | None] = field(default_factory=list)
-    rollbacks: int = 0
     cand: torch.Tensor | None = None  # (nb, k) candidate tokens of this step
     cand_logit: torch.Tensor | None = None  # (nb, k) their scores
     result: tuple[list[int], str] | None = None
@@ -131,8 +132,6 @@ def opera_search(engine: Any, state: Any, method: Any, n_branches: int, config: 
                  ) -> list[tuple[list[int], str]]:
     """Decode every request with OPERA (see the module docstring); ``trace`` (a list) receives
     one dict per normal step for tests."""
-    from .engine import Beams, _row_index
-
     if config.do_sample:
         raise InputError("opera is a beam search: use do_sample=False")
     if config.num_beams not in (1, opts.beams):
@@ -213,10 +212,6 @@ def opera_search(engine: Any, state: Any, method: Any, n_branches: int, config: 
     return results
 
 
-def _branch_rows(slot: int, n_slots: int, n_branches: int) -> list[int]:
-    return [b * n_slots + slot for b in range(n_branches)]
-
-
 def _normalised(probs: torch.Tensor, columns: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     """Rows (nb, k, kv) -> response-order rows (nb, k, t + 1): the response keys ``columns``
     (nb, t), then each candidate's own key ``own`` (k,), divided by the row's total."""
@@ -255,7 +250,7 @@ def _normal_step(engine, sq: _Seq, probs, image, out, length, base, n_slots, n_b
             sq.rolled[to] = sq.rolled.get(to, 0) + 1
             if (t + 1) - to > opts.window + 1:
                 to = max(1, t + 1 - opts.window - 1)
-            return _rollback(sq, min(to, t - 1), length, trace)
+            return _rollback(sq, min(to, t - 1), trace)
     vocab = sq.cand_logit.new_full((nb, out.shape[-1]), -999.0)
     vocab.scatter_(1, sq.cand, penalised)
     return _decide(engine, sq, torch.log_softmax(vocab, dim=-1), out, length, base, n_slots,
@@ -290,7 +285,7 @@ def _decide(engine, sq: _Seq, log_probs, out, length, base, n_slots, n_branches,
     chosen = rows[par, pick]  # (nb, t + 1)
     sq.colprod = torch.cat([sq.colprod[par] * sq.scale * chosen[:, :t],
                             sq.scale * chosen[:, t:]], dim=-1)
-    out_rows = (torch.arange(n_branches, device=device)[:, None] * n_slots + base + par).flatten()
+    out_rows = _row_index(base + par, n_slots, n_branches)
     sq.logits = out[out_rows, pick.repeat(n_branches)]  # branch-major (n_branches * nb, V)
     new_tokens = token.tolist()
     sq.tokens = [sq.tokens[p] + [x] for p, x in zip(parents, new_tokens)]
@@ -301,7 +296,7 @@ def _decide(engine, sq: _Seq, log_probs, out, length, base, n_slots, n_branches,
     return parents, pick.tolist(), [True] * nb, []
 
 
-def _rollback(sq: _Seq, r: int, length: int, trace):
+def _rollback(sq: _Seq, r: int, trace):
     """Restore the beams at the start of step ``r``; their rows resume from the longest prefix a
     current row holds, and replay the rest."""
     ban = sq.chosen[r]
@@ -312,7 +307,6 @@ def _rollback(sq: _Seq, r: int, length: int, trace):
     sq.history, sq.locs = sq.history[:r + 1], sq.locs[:r + 1]
     sq.beams = restored.take(torch.tensor([0]))
     sq.t = r
-    sq.rollbacks += 1
     if trace is not None:
         trace.append({"request": sq.index, "rollback_to": r})
     parents, rewinds, tokens, resp, replay = [], [], [], [], []
@@ -348,15 +342,16 @@ def _replay_step(engine, method, sq: _Seq, probs, out, length, base, n_slots, n_
             moves.append(False)
             continue
         token = todo.pop(0)
-        columns = torch.tensor(sq.resp[j], dtype=torch.long, device=probs.device)
-        p = probs[j, 0]
-        row = torch.cat([p[columns], p[length:length + 1]]) / p.sum()
+        columns = torch.tensor([sq.resp[j]], dtype=torch.long, device=probs.device)
+        own = torch.tensor([length], device=probs.device)
+        row = _normalised(probs[j:j + 1, :1], columns, own)[0, 0]  # slot 0 holds the token
         sq.tokens[j].append(token)
         sq.resp[j].append(length)
         sq.rows[tuple(sq.tokens[j])] = row
         moves.append(True)
         if not todo:
-            sq.pending[j] = out[_branch_rows(base + j, n_slots, n_branches), 0]
+            slot = torch.tensor([base + j], device=out.device)
+            sq.pending[j] = out[_row_index(slot, n_slots, n_branches), 0]
     if any(sq.replay):
         return list(range(nb)), [0] * nb, moves, []
     logits = torch.stack(sq.pending, dim=1).flatten(0, 1)  # (n_branches * nb, V)
