@@ -8,6 +8,14 @@ per-request ``torch.Generator``, and finished requests leave the batch. Greedy d
 ``model.generate(do_sample=False)`` token for token and beam search equals transformers' beam
 search (same candidate selection, length penalty and early-stopping heuristic).
 
+Streaming and log-probabilities (greedy and sampling; beam search and search methods such as
+OPERA only know their tokens at the end): ``run(..., on_token=f)`` calls
+``f(request, token_id, logprob)`` for each token as it is chosen (``logprob`` a
+:class:`TokenLogprob`, or None without ``DecodingConfig.logprobs``); ``f`` returning False ends
+that request at once (finish reason ``"cancelled"``). ``DecodingConfig(logprobs=k)`` records, per chosen token, its log-probability
+and the ``k`` most likely tokens' under the scores the token was chosen from (the method's
+adjusted scores, before temperature and top-p).
+
 Row layout: a *slot* is one sequence being decoded (a request, or one beam of a request). With
 ``S`` live slots and ``nb`` branches (the real input first), cache row ``b * S + s`` holds branch
 ``b`` of slot ``s``. Every branch of a slot is fed the token chosen for the slot.
@@ -18,7 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +43,8 @@ from .sampling import sample, warp
 
 logger = logging.getLogger(__name__)
 
+MAX_TOP_LOGPROBS = 20
+
 
 @dataclass
 class GenerationResult:
@@ -42,10 +52,24 @@ class GenerationResult:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled" (on_token)
     prompt_tokens: int
     completion_tokens: int
     image_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token, with DecodingConfig.logprobs
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability and the most likely alternatives, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+# (request index, token id, its TokenLogprob or None) -> go on
+TokenCallback = Callable[[int, int, "TokenLogprob | None"], bool]
 
 
 @dataclass(frozen=True)
@@ -61,6 +85,7 @@ class DecodingConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: off; k: each token's logprob and the top k
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> InputError:
@@ -87,6 +112,12 @@ class DecodingConfig:
             raise bad("early_stopping", "True, False or 'never'")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a non-empty string or a list of them")
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+                raise bad("logprobs", f"None, or an integer from 0 to {MAX_TOP_LOGPROBS}")
+            if self.num_beams > 1:
+                raise InputError("logprobs need greedy decoding or sampling (num_beams=1): "
+                                 "beam search scores whole sequences, not tokens")
 
 
 def _is_int(x: Any) -> bool:
@@ -292,12 +323,14 @@ class Engine:
         early_stopping: bool | str = False,
         seed: int | Sequence[int] | None = None,
         stop: str | Sequence[str] | None = None,
+        logprobs: int | None = None,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one request (``prompts`` a string) or a batch (a list of strings).
 
         ``images`` is a PIL image, a path or None per request (a single value for one request).
         ``seed`` is one integer for every request or one per request; with ``seed=None``
-        sampling is unseeded. Returns one :class:`GenerationResult` per request.
+        sampling is unseeded. ``logprobs=k`` adds each token's log-probability and its top ``k``
+        alternatives (module docstring). Returns one :class:`GenerationResult` per request.
         """
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
@@ -319,7 +352,7 @@ class Engine:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         config = DecodingConfig(
             max_new_tokens, do_sample, temperature, top_p, top_k, num_beams, length_penalty,
-            early_stopping, stops,
+            early_stopping, stops, logprobs,
         )
         requests = [self._request(img, p, i) for i, (img, p) in enumerate(zip(image_list, prompt_list))]
         seeds = _request_seeds(seed, len(requests))
@@ -346,8 +379,14 @@ class Engine:
         method: Method,
         config: DecodingConfig,
         seeds: list[int | None],
+        on_token: TokenCallback | None = None,
     ) -> list[GenerationResult]:
-        """Decode validated requests with a built method."""
+        """Decode validated requests with a built method; ``on_token``: see the module
+        docstring."""
+        custom = method.search()
+        if config.logprobs is not None and custom is not None:
+            raise InputError(f"logprobs are not available with {method.name!r}: its search "
+                             "chooses whole sequences; leave logprobs unset")
         branches = method.branches()
         rows = [self._encode(r) for r in requests] + self.branch_rows(requests, branches, seeds)
         prompt_tokens = [int(r["attention_mask"].sum()) for r in rows[: len(requests)]]
@@ -364,24 +403,31 @@ class Engine:
                     for k, v in method.prepare(self, requests).items()}
         state = _Rows(self.model, batch, self._cache_kw, info, image_id, edits, row_data,
                       self.attention_impl)
-        search = method.search() or (_beam_search if config.num_beams > 1 else _sample_or_greedy)
+        search = custom or (_beam_search if config.num_beams > 1 else _sample_or_greedy)
         handles = method.install(self, info)
         previous = use_edits(self.model, self.adapter.multimodal) if edits else None
         try:
-            outputs = search(self, state, method, len(branches) + 1, config, seeds)
+            if search is _sample_or_greedy:
+                outputs = search(self, state, method, len(branches) + 1, config, seeds, on_token)
+            else:
+                outputs = search(self, state, method, len(branches) + 1, config, seeds)
+                if on_token is not None:  # these searches know their tokens only now
+                    for request, (ids, _) in enumerate(outputs):
+                        for token in ids:
+                            on_token(request, token, None)
         finally:
             for handle in handles:
                 handle.remove()
             if previous is not None:
                 restore(self.model, previous)
         results = []
-        for (ids, reason), n_prompt, n_image in zip(outputs, prompt_tokens, image_tokens):
+        for (ids, reason, *logprobs), n_prompt, n_image in zip(outputs, prompt_tokens,
+                                                               image_tokens):
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             if config.stop:
                 text, reason = _cut_at_stop(text, config.stop, reason)
-            results.append(
-                GenerationResult(text.strip(), ids, reason, n_prompt, len(ids), n_image)
-            )
+            results.append(GenerationResult(text.strip(), ids, reason, n_prompt, len(ids),
+                                            n_image, logprobs[0] if logprobs else None))
         return results
 
     def branch_rows(self, requests: list[Request], branches: list, seeds: list[int | None]
@@ -451,13 +497,24 @@ def _cut_at_stop(text: str, stops: tuple[str, ...], reason: str) -> tuple[str, s
     return (text[: min(hits)], "stop") if hits else (text, reason)
 
 
+def _token_logprobs(scores: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Each row's chosen token's log-probability under ``scores`` and its top ``k``."""
+    logp = torch.log_softmax(scores.float(), dim=-1)
+    picked = logp.gather(1, chosen[:, None])[:, 0].tolist()
+    top_v, top_i = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return [TokenLogprob(int(t), p, tuple(zip(i, v)))
+            for t, p, i, v in zip(chosen.tolist(), picked, top_i.tolist(), top_v.tolist())]
+
+
 def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: int,
-                      config: DecodingConfig, seeds: list[int | None]) -> list[tuple[list[int], str]]:
+                      config: DecodingConfig, seeds: list[int | None],
+                      on_token: TokenCallback | None = None) -> list[tuple]:
     n = len(seeds)
     generators = [
         torch.Generator().manual_seed(s if s is not None else secrets.randbits(63)) for s in seeds
     ]
     tokens_of: list[list[int]] = [[] for _ in range(n)]
+    logprobs_of: list[list[TokenLogprob]] = [[] for _ in range(n)]
     reasons: list[str] = ["length"] * n
     live = list(range(n))  # request of each slot
     logits = state.prefill()
@@ -468,10 +525,17 @@ def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: 
             chosen = sample(warped, [generators[r] for r in live])
         else:
             chosen = scores.argmax(dim=-1)
+        entries: list[TokenLogprob | None] = [None] * len(live)
+        if config.logprobs is not None:
+            entries = _token_logprobs(scores, chosen, config.logprobs)
         keep = []
         for slot, (request, token) in enumerate(zip(live, chosen.tolist())):
             tokens_of[request].append(token)
+            if entries[slot] is not None:
+                logprobs_of[request].append(entries[slot])
             reason = engine._finished(tokens_of[request], config)
+            if on_token is not None and not on_token(request, token, entries[slot]):
+                reason = reason or "cancelled"
             if reason is None:
                 keep.append(slot)
             else:
@@ -484,7 +548,9 @@ def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: 
             chosen = chosen[index]
             live = [live[s] for s in keep]
         logits = state.step(chosen.repeat(n_branches))
-    return list(zip(tokens_of, reasons))
+    if config.logprobs is None:
+        return list(zip(tokens_of, reasons))
+    return list(zip(tokens_of, reasons, logprobs_of))
 
 
 @dataclass

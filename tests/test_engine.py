@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import veridical
 from tests.conftest import tiny_engine
+from veridical.decoding.engine import DecodingConfig
 from veridical.decoding.inputs import encode
+from veridical.decoding.registry import resolve
 from veridical.tiny import ARCHS
 
 
@@ -158,3 +161,73 @@ def test_text_only_models_equal_hf_generate(arch, prompts):
     assert [r.token_ids for r in batch] == [
         engine.generate(None, p, max_new_tokens=8).token_ids for p in prompts
     ]
+
+
+def test_logprobs_equal_hf_logits_and_are_batch_invariant(images, prompts):
+    engine = tiny_engine("llava")
+    for do_sample in (False, True):
+        kw = dict(max_new_tokens=6, do_sample=do_sample, temperature=0.7, seed=5)
+        ours = engine.generate(images[1], prompts[1], logprobs=3, **kw)
+        inputs = encode(engine.processor, images[1], prompts[1])
+        with torch.inference_mode():  # the raw logits: the scores before temperature
+            out = engine.model.generate(**inputs, max_new_tokens=len(ours.token_ids),
+                                        min_new_tokens=len(ours.token_ids), do_sample=False,
+                                        output_logits=True, return_dict_in_generate=True)
+        # HF greedy only matches our sampled tokens in the first step; feed ours instead:
+        ids = torch.cat([inputs["input_ids"], torch.tensor([ours.token_ids])], dim=1)
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            logits = engine.model(**{**inputs, "input_ids": ids, "attention_mask": mask}).logits
+        n = len(ours.token_ids)
+        logp = torch.log_softmax(logits[0, -n - 1 : -1].float(), -1)
+        assert len(ours.logprobs) == n
+        for step, entry in enumerate(ours.logprobs):
+            assert entry.token_id == ours.token_ids[step]
+            assert entry.logprob == pytest.approx(logp[step, entry.token_id].item(), abs=1e-4)
+            top = logp[step].topk(3)
+            assert [t for t, _ in entry.top] == top.indices.tolist()
+            assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+        if not do_sample:
+            assert all(e.top[0][0] == e.token_id for e in ours.logprobs)
+            first = torch.log_softmax(out.logits[0][0].float(), -1)
+            assert ours.logprobs[0].logprob == pytest.approx(first.max().item(), abs=1e-4)
+        batch = engine.generate(images, prompts, logprobs=3, **{**kw, "seed": [5] * 4})
+        assert batch[1].token_ids == ours.token_ids
+        assert [e.logprob for e in batch[1].logprobs] == pytest.approx(
+            [e.logprob for e in ours.logprobs], abs=1e-5)
+    assert engine.generate(images[0], prompts[0], max_new_tokens=3).logprobs is None
+
+
+def test_logprobs_refused_with_beams_and_search_methods(images, prompts):
+    engine = tiny_engine("llava")
+    with pytest.raises(veridical.InputError, match="num_beams=1"):
+        engine.generate(images[0], prompts[0], num_beams=2, logprobs=0)
+    with pytest.raises(veridical.InputError, match="opera"):
+        engine.generate(images[0], prompts[0], method="opera", logprobs=0)
+    with pytest.raises(veridical.InputError, match="logprobs=21"):
+        engine.generate(images[0], prompts[0], logprobs=21)
+
+
+def test_on_token_streams_each_token_and_can_cancel_one_request(images, prompts):
+    engine = tiny_engine("qwen2-vl")
+    method = resolve("none")
+    config = DecodingConfig(max_new_tokens=8)
+    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
+    seen: dict[int, list[int]] = {r: [] for r in range(4)}
+
+    def record(request: int, token: int, logprob) -> bool:
+        assert logprob is None  # no logprobs asked for
+        seen[request].append(token)
+        return not (request == 2 and len(seen[request]) == 3)  # request 2 hangs up
+
+    results = engine.run(requests, method, config, [None] * 4, on_token=record)
+    alone = [engine.generate(i, p, max_new_tokens=8) for i, p in zip(images, prompts)]
+    for r in (0, 1, 3):
+        assert seen[r] == results[r].token_ids == alone[r].token_ids
+    assert results[2].finish_reason == "cancelled"
+    assert results[2].token_ids == seen[2] == alone[2].token_ids[:3]
+    # beam search knows its tokens only at the end: they still all reach the callback, in order
+    seen = {r: [] for r in range(4)}
+    beams = engine.run(requests, method, DecodingConfig(max_new_tokens=5, num_beams=2),
+                       [None] * 4, on_token=record)
+    assert [seen[r] for r in range(4)] == [b.token_ids for b in beams]

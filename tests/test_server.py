@@ -237,6 +237,44 @@ def test_system_message_stop_and_local_path(server, client):
     assert cut.choices[0].finish_reason == expected.finish_reason == "stop"
 
 
+def test_logprobs_plain_and_streamed_equal_engine(server, client):
+    want = server.engine.generate(IMAGE, PROMPT, max_new_tokens=5, logprobs=2)
+    text = server.engine.tokenizer.decode
+
+    def check(entries) -> None:
+        assert [e.token for e in entries] == [text([t]) for t in want.token_ids]
+        assert [e.logprob for e in entries] == pytest.approx(
+            [w.logprob for w in want.logprobs], abs=1e-5)
+        for entry, wanted in zip(entries, want.logprobs):
+            assert [t.token for t in entry.top_logprobs] == [text([t]) for t, _ in wanted.top]
+            assert entry.bytes == list(entry.token.encode())
+
+    out = client.chat.completions.create(model=MODEL, messages=user(IMAGE_URL), max_tokens=5,
+                                         temperature=0, logprobs=True, top_logprobs=2)
+    assert out.choices[0].message.content == want.text
+    check(out.choices[0].logprobs.content)
+    stream = client.chat.completions.create(model=MODEL, messages=user(IMAGE_URL), max_tokens=5,
+                                            temperature=0, logprobs=True, top_logprobs=2,
+                                            stream=True)
+    check([e for c in stream if c.choices and c.choices[0].logprobs
+           for e in c.choices[0].logprobs.content])
+    plain = client.chat.completions.create(model=MODEL, messages=user(IMAGE_URL), max_tokens=5,
+                                           temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_streamed_text_stops_where_the_engine_stops(server, client):
+    plain = server.engine.generate(IMAGE, PROMPT, max_new_tokens=8)
+    for stop in (plain.text.split()[2], plain.text.split()[1][:2] + "zz"):  # a hit; a near miss
+        stream = client.chat.completions.create(model=MODEL, messages=user(IMAGE_URL),
+                                                max_tokens=8, temperature=0, stop=[stop],
+                                                stream=True)
+        chunks = [c.choices[0] for c in stream if c.choices]
+        want = server.engine.generate(IMAGE, PROMPT, max_new_tokens=8, stop=[stop])
+        assert "".join(c.delta.content or "" for c in chunks) == want.text
+        assert chunks[-1].finish_reason == want.finish_reason
+
+
 def test_default_mitigation_is_adjustable_without_method(server, client):
     out = client.chat.completions.create(model=MODEL, messages=user(IMAGE_URL), max_tokens=2,
                                          temperature=0, extra_body={"mitigation": {}})
@@ -271,7 +309,12 @@ BAD_INPUTS: list[tuple[str, Callable[[], Any], int, str | None, str]] = [
     ("method-needs-moe", lambda: body(mitigation={"method": "scmoe"}), 400, None,
      "mixture-of-experts"),
     ("n-2", lambda: body(n=2), 400, "n", "n=1"),
-    ("logprobs", lambda: body(logprobs=True), 400, "logprobs", "log-probabilities"),
+    ("top-logprobs-alone", lambda: body(top_logprobs=2), 400, "top_logprobs",
+     "needs logprobs: true"),
+    ("logprobs-with-opera", lambda: body(logprobs=True, mitigation={"method": "opera"}), 400,
+     "logprobs", "whole sequences"),
+    ("top-logprobs-over-20", lambda: body(logprobs=True, top_logprobs=21), 422, "top_logprobs",
+     "20"),
     ("tools", lambda: body(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
      "tools", "not supported"),
     ("penalty", lambda: body(frequency_penalty=0.5), 400, "frequency_penalty", "not supported"),
@@ -483,25 +526,40 @@ def test_hypothesis_valid_requests_long(server):
 # A server whose engine waits at a gate ------------------------------------------------------
 class GatedEngine:
     """The tiny engine, but ``run`` waits until ``gate`` is set (bounded) and records batches;
-    a prompt of ``"boom"`` raises an unexpected error."""
+    a prompt of ``"boom"`` raises an unexpected error. With ``token_gate`` set to an unset
+    event, every token also waits for it after the server's callback has seen the token;
+    ``tokens`` records (prompt, token, what the callback answered)."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.batches: list[list[str]] = []
+        self.token_gate: threading.Event | None = None
+        self.tokens: list[tuple[str, int, bool]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    def run(self, requests, method, config, seeds):
+    def run(self, requests, method, config, seeds, on_token=None):
         self.batches.append([r.prompt for r in requests])
         self.entered.set()
         if not self.gate.wait(30):
             raise RuntimeError("the test never opened the gate")
         if any(r.prompt == "boom" for r in requests):
             raise RuntimeError("boom")
-        return self._engine.run(requests, method, config, seeds)
+        gate = self.token_gate
+        if on_token is None or gate is None:
+            return self._engine.run(requests, method, config, seeds, on_token=on_token)
+
+        def paced(request: int, token: int, logprob: Any) -> bool:
+            go_on = on_token(request, token, logprob)
+            self.tokens.append((requests[request].prompt, token, go_on))
+            if not gate.wait(30):
+                raise RuntimeError("the test never opened the token gate")
+            return go_on
+
+        return self._engine.run(requests, method, config, seeds, on_token=paced)
 
 
 @contextmanager
@@ -566,6 +624,47 @@ def test_disconnected_clients_are_cancelled(gated):
         gated.engine.gate.set()
         assert first.result(timeout=60).status_code == 200
     assert gated.engine.batches == [["first"]]  # the cancelled requests never ran
+
+
+def test_streaming_sends_tokens_before_the_answer_is_done(gated):
+    gated.engine.token_gate = threading.Event()
+    gated.engine.gate.set()
+    want = tiny_engine("llava").generate(IMAGE, PROMPT, max_new_tokens=6)
+    with httpx.stream("POST", gated.url + "/v1/chat/completions", timeout=30,
+                      json=body(stream=True, max_tokens=6)) as response:
+        events = (json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: {"))
+        assert next(events)["choices"][0]["delta"]["role"] == "assistant"
+        first = next(events)["choices"][0]["delta"]["content"]
+        # the client has the first token's text while the engine waits after that token
+        assert first == want.text.split()[0]
+        wait_until(lambda: len(gated.engine.tokens) == 1)
+        time.sleep(0.2)
+        assert len(gated.engine.tokens) == 1
+        gated.engine.token_gate.set()
+        rest = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                       if e["choices"])
+    assert first + rest == want.text
+
+
+def test_a_client_that_hangs_up_leaves_the_running_batch(gated):
+    gated.engine.token_gate = threading.Event()
+    batcher = gated.app.state.serving.batcher
+    with ThreadPoolExecutor(1) as pool:
+        stays = pool.submit(_send, gated.url, body(max_tokens=6, messages=user(IMAGE_URL, "stays")))
+        with httpx.stream("POST", gated.url + "/v1/chat/completions", timeout=30,
+                          json=body(stream=True, max_tokens=6)) as response:
+            assert next(response.iter_lines()).startswith("data: ")  # the role chunk
+            wait_until(lambda: batcher.running == 2 or len(gated.engine.batches) == 2)
+            gated.engine.gate.set()
+            wait_until(lambda: len(gated.engine.tokens) >= 1)
+        wait_until(lambda: batcher.stats.cancelled == 1)  # hung up while its batch runs
+        gated.engine.token_gate.set()
+        assert stays.result(timeout=60).json()["choices"][0]["message"]["content"] == \
+            tiny_engine("llava").generate(IMAGE, "stays", max_new_tokens=6).text
+    gone = [go_on for prompt, _, go_on in gated.engine.tokens if prompt == PROMPT]
+    assert gone[-1] is False and len(gone) < 6  # its row stopped early, the other went on
+    assert len([p for p, _, _ in gated.engine.tokens if p == "stays"]) == 6
 
 
 def test_concurrent_request_limit_is_429():

@@ -3,7 +3,7 @@
 Requests: ``ChatCompletionRequest`` accepts the fields the official ``openai`` client sends for a
 chat completion. Fields the server understands are typed and range-checked here (a violation is
 a 422 naming the field); fields OpenAI defines but this server cannot honour (tools,
-``response_format``, penalties, ``n > 1``, ``logprobs``, ...) are accepted by the schema and
+``response_format``, penalties, ``n > 1``, ...) are accepted by the schema and
 refused by ``serving`` with a 400 naming them, when they ask for something other than the
 default; harmless bookkeeping fields (``user``, ``metadata``, ``store``, ...) are ignored; any
 other field is a 422. The extra field ``mitigation`` picks the hallucination mitigation:
@@ -83,9 +83,9 @@ class ChatCompletionRequest(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     mitigation: Mitigation | None = None
-    # Defined by OpenAI, refused by serving when not at their default.
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Defined by OpenAI, refused by serving when not at their default.
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -137,11 +137,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -163,7 +178,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -11,23 +11,25 @@ field and the limit, before any engine work):
 - Decoding: ``temperature`` (0, or below 1e-5, = greedy; default from ``--temperature``, 1.0
   as OpenAI),
   ``top_p``, ``seed``, ``stop`` (up to 4 strings), ``max_completion_tokens``/``max_tokens``
-  (up to ``--max-tokens-limit``), ``n = 1``. ``logprobs`` is refused: the engine does not compute
-  token log-probabilities.
+  (up to ``--max-tokens-limit``), ``n = 1``, ``logprobs`` with ``top_logprobs`` (0-20): the
+  log-probabilities of the scores each token was chosen from, i.e. after the mitigation and
+  before temperature and top-p (refused for search methods such as OPERA, which choose whole
+  sequences).
 - ``mitigation``: ``{"method": M, ...params}`` validated against the registry (an unknown method
   or parameter is a 400 naming it and the allowed values); ``{"alpha": 2}`` without ``method``
   adjusts the start-up default; no ``mitigation`` uses the start-up default.
 
 Results equal ``Engine.generate`` for the same image, text, method and settings: the job goes to
 ``Engine.run`` through the batcher. Requests with the same :class:`BatchKey` share one engine call;
-``max_tokens`` is not part of the key: the batch runs to its largest value and each result is cut
-back to its own, which gives the tokens a separate call would (decoding is batch-invariant and
-the stop tests look only at a request's own tokens).
+``max_tokens`` is not part of the key: each request leaves the batch at its own limit (the
+engine's ``on_token`` callback), which gives the tokens a separate call would (decoding is
+batch-invariant and the stop tests look only at a request's own tokens).
 
-Streaming sends the role chunk at once, then, when the result is ready, the text as one
-``chat.completion.chunk`` per word (the engine has no per-token callback, so the whole answer is
-generated first), the finish reason, the usage chunk when ``stream_options.include_usage``, and
-``data: [DONE]``. A client that disconnects is cancelled: dropped from the queue if it waits, its
-result discarded if its batch runs.
+Streaming sends the role chunk at once, then the text as the tokens are chosen (one
+``chat.completion.chunk`` per token that adds text, see :class:`~.streaming.TextStream`; beam
+search and OPERA know their tokens only at the end), the finish reason, the usage chunk when
+``stream_options.include_usage``, and ``data: [DONE]``. A client that disconnects is cancelled:
+dropped from the queue if it waits, or its row leaves the running batch at the next token.
 """
 
 from __future__ import annotations
@@ -35,17 +37,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from veridical.decoding.engine import DecodingConfig, GenerationResult
+from veridical.decoding.engine import DecodingConfig, GenerationResult, TokenLogprob
 from veridical.decoding.method import Request
 from veridical.decoding.registry import resolve
 from veridical.errors import VeridicalError
@@ -55,6 +56,7 @@ from .errors import ApiError, bad_request, shorten
 from .media import decode_image, fetch_image_bytes
 from .protocol import ChatCompletionRequest, ChatMessage, ImagePart, Mitigation
 from .settings import ServerSettings
+from .streaming import TextStream, logprob_entries
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,11 @@ class EngineJob:
     request: Request
     seed: int | None
     max_tokens: int
+    logprobs: int | None = None  # None: off; k: top-k alternatives per token
+    # Set by the event loop, read by the engine thread:
+    on_token: Callable[[int, TokenLogprob | None], None] | None = None  # streaming
+    cancelled: bool = False  # the client went away: the row leaves the batch
+    sent: int = 0  # tokens already given to on_token (a batch retried alone skips them)
 
 
 class ClientGone(Exception):
@@ -123,9 +130,15 @@ class ChatServing:
             raise bad_request(f"{name}={max_tokens} is above this server's limit of {limit}",
                               name)
         stops = self._stops(req.stop)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         temperature = self.settings.temperature if req.temperature is None else req.temperature
         do_sample = temperature >= SAMPLING_EPS  # below it, dividing by it overflows: greedy
         method, args = self._method(req.mitigation)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if logprobs is not None and resolve(method, args).search() is not None:
+            raise bad_request(f"logprobs are not available with {method!r}: its search chooses "
+                              "whole sequences; leave logprobs unset", "logprobs")
         key = BatchKey(method, tuple(sorted(args.items())), do_sample,
                        float(temperature) if do_sample else 1.0,
                        float(req.top_p or 1.0) if do_sample else 1.0, stops)
@@ -137,7 +150,8 @@ class ChatServing:
             raw = await fetch_image_bytes(image_part.image_url.url, self.settings, image_param)
             image = await asyncio.to_thread(decode_image, raw, self.settings.max_image_pixels,
                                             image_param)
-        job = EngineJob(Request(image=image, prompt=text, system=system), req.seed, max_tokens)
+        job = EngineJob(Request(image=image, prompt=text, system=system), req.seed, max_tokens,
+                        logprobs)
         return key, job, {"method": method, **args}
 
     def _conversation(self, messages: list[ChatMessage]
@@ -204,41 +218,61 @@ class ChatServing:
     def run_batch(self, key: BatchKey, jobs: list[EngineJob]) -> list[Any]:
         """Run jobs sharing ``key`` in one engine call; a failing batch is retried job by job,
         so one bad request cannot fail the others."""
+        asked = [j.logprobs for j in jobs if j.logprobs is not None]
         config = DecodingConfig(max_new_tokens=max(j.max_tokens for j in jobs),
                                 do_sample=key.do_sample, temperature=key.temperature,
-                                top_p=key.top_p, stop=key.stop)
+                                top_p=key.top_p, stop=key.stop,
+                                logprobs=max(asked) if asked else None)
+        counts = [0] * len(jobs)
+
+        def on_token(i: int, token: int, logprob: TokenLogprob | None) -> bool:
+            job = jobs[i]
+            counts[i] += 1
+            if job.on_token is not None and job.sent < counts[i] <= job.max_tokens:
+                job.on_token(token, logprob)
+                job.sent = counts[i]
+            return counts[i] < job.max_tokens and not job.cancelled
+
         try:
             method = resolve(key.method, dict(key.method_args))
             results = self.engine.run([j.request for j in jobs], method, config,
-                                      [j.seed for j in jobs])
+                                      [j.seed for j in jobs], on_token=on_token)
         except Exception as exc:
             if len(jobs) == 1:
                 return [exc]
             logger.warning("a batch of %d failed (%s); running its requests one by one",
                            len(jobs), exc)
             return [self.run_batch(key, [job])[0] for job in jobs]
-        return [self._fit(r, j.max_tokens, key.stop) for r, j in zip(results, jobs)]
+        return [self._fit(r, j, key.stop) for r, j in zip(results, jobs)]
 
-    def _fit(self, result: GenerationResult, max_tokens: int,
+    def _fit(self, result: GenerationResult, job: EngineJob,
              stops: tuple[str, ...]) -> GenerationResult:
-        """``result`` as a call with ``max_new_tokens=max_tokens`` would have given it (the
-        engine's own stop rules, see ``Engine.run``)."""
-        if len(result.token_ids) <= max_tokens:
-            return result
-        ids = result.token_ids[:max_tokens]
+        """``result`` as a call with ``max_new_tokens=job.max_tokens`` would have given it (the
+        engine's own stop rules, see ``Engine.run``): a row the callback ended at its limit
+        says "cancelled", and a search method may run past the limit."""
+        ids = result.token_ids[: job.max_tokens]
+        logprobs = result.logprobs[: len(ids)] if job.logprobs is not None else None
+        if len(ids) == len(result.token_ids) and result.finish_reason != "cancelled":
+            return GenerationResult(result.text, ids, result.finish_reason, result.prompt_tokens,
+                                    len(ids), result.image_tokens, logprobs)
         text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
-        reason = "stop" if ids[-1] in self.engine.eos_ids else "length"
+        reason = "stop" if ids and ids[-1] in self.engine.eos_ids else "length"
         hits = [text.find(s) for s in stops if s in text]
         if hits:
             text, reason = text[: min(hits)], "stop"
         return GenerationResult(text.strip(), ids, reason, result.prompt_tokens, len(ids),
-                                result.image_tokens)
+                                result.image_tokens, logprobs)
 
     # Job -> response ----------------------------------------------------------------------------
     async def complete(self, req: ChatCompletionRequest, http: HttpRequest) -> Response:
         self.preparing += 1
         try:
             key, payload, mitigation = await self.prepare(req)
+            updates: asyncio.Queue[tuple[int, TokenLogprob | None]] = asyncio.Queue()
+            if req.stream:
+                loop = asyncio.get_running_loop()
+                payload.on_token = lambda token, logprob: loop.call_soon_threadsafe(
+                    updates.put_nowait, (token, logprob))
             job = self._submit(key, payload)
         finally:
             self.preparing -= 1
@@ -246,7 +280,7 @@ class ChatServing:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                self._stream(job, rid, created, include_usage),
+                self._stream(job, updates, rid, created, include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -258,7 +292,8 @@ class ChatServing:
             "id": rid, "object": "chat.completion", "created": created,
             "model": self.settings.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None}],
+                         "finish_reason": result.finish_reason,
+                         "logprobs": self._logprobs(result.logprobs, payload)}],
             "usage": _usage(result), "mitigation": mitigation,
         })
 
@@ -275,16 +310,28 @@ class ChatServing:
         try:
             await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            self.batcher.cancel(job)
+            self._cancel(job)
             raise
         finally:
             gone.cancel()
         if not job.future.done():
-            self.batcher.cancel(job)
+            self._cancel(job)
             raise ClientGone
         return _outcome(job.future)
 
-    async def _stream(self, job: Job, rid: str, created: int,
+    def _cancel(self, job: Job) -> None:
+        job.payload.cancelled = True  # a running batch drops the row at its next token
+        self.batcher.cancel(job)
+
+    def _logprobs(self, entries: list[TokenLogprob] | None, payload: EngineJob
+                  ) -> dict[str, Any] | None:
+        if entries is None or payload.logprobs is None:
+            return None
+        text = self.engine.tokenizer.decode
+        return {"content": logprob_entries(entries, lambda t: text([t]), payload.logprobs),
+                "refusal": None}
+
+    async def _stream(self, job: Job, updates: asyncio.Queue, rid: str, created: int,
                       include_usage: bool) -> AsyncIterator[str]:
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
             body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
@@ -294,25 +341,51 @@ class ChatServing:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
-        def delta(d: dict, finish: str | None = None) -> list[dict]:
-            return [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}]
+        payload: EngineJob = job.payload
 
+        def delta(d: dict, finish: str | None = None,
+                  entries: list[TokenLogprob] | None = None) -> list[dict]:
+            logprobs = self._logprobs(entries, payload) if entries else None
+            return [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": logprobs}]
+
+        text = TextStream(lambda ids: self.engine.tokenizer.decode(ids, skip_special_tokens=True),
+                          job.key.stop)
+        ids: list[int] = []
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
         try:
             yield chunk(delta({"role": "assistant", "content": ""}))
-            await asyncio.wait({job.future})  # never raises; cancelling this leaves the job
+            while True:
+                if updates.empty():
+                    if job.future.done():
+                        break
+                    getter = asyncio.ensure_future(updates.get())
+                    await asyncio.wait({getter, job.future}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    token, logprob = getter.result()
+                else:
+                    token, logprob = updates.get_nowait()
+                ids.append(token)
+                pending += [logprob] if logprob is not None else []
+                piece = text.feed(ids)
+                if piece:
+                    yield chunk(delta({"content": piece}, entries=pending))
+                    pending = []
             try:
                 result = _outcome(job.future)
             except ApiError as exc:
                 yield f"data: {json.dumps(exc.body())}\n\n"
             else:
-                for piece in re.findall(r"\S+\s*|\s+", result.text):
-                    yield chunk(delta({"content": piece}))
+                rest = text.finish(result.text)
+                if rest or pending:
+                    yield chunk(delta({"content": rest}, entries=pending))
                 yield chunk(delta({}, result.finish_reason))
                 if include_usage:
                     yield chunk([], _usage(result))
             yield "data: [DONE]\n\n"
         finally:  # also on disconnect, when Starlette cancels this generator
-            self.batcher.cancel(job)
+            self._cancel(job)
 
 
 def _outcome(future: asyncio.Future) -> GenerationResult:
@@ -371,10 +444,6 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.n not in (None, 1):
         raise bad_request(f"n={req.n} is not supported: this server returns one choice (n=1); "
                           "send several requests with different seeds instead", "n")
-    if req.logprobs or req.top_logprobs:
-        name = "logprobs" if req.logprobs else "top_logprobs"
-        raise bad_request("logprobs are not supported: the engine does not compute token "
-                          "log-probabilities; leave logprobs unset or false", name)
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(req, name):
             raise bad_request(f"{name} is not supported; leave it unset or 0", name)
