@@ -9,15 +9,19 @@ Contract:
   the method, which rows they apply to (the real-input rows; extra branches run unedited, as PAI's
   text-only branch must), and per row which keys are image tokens. Edits reach the attention
   function through this context, not through extra ``generate`` kwargs.
-- The attention output of every row comes from SDPA. For the rows and query positions an edit
-  touches (the last query position: the one that produces the next token; or the last
-  ``plan.n_new`` when OPERA feeds candidates side by side), the function recomputes attention
-  explicitly for those rows only, ``(n, H, n_new, kv)``, applies the edit and replaces their
-  output: no full attention matrix is materialised.
+- Prefill (several query positions): the attention output of every row comes from SDPA. For
+  the rows and query positions an edit touches (the last query position: the one that produces
+  the next token; or the last ``plan.n_new`` when OPERA feeds candidates side by side), the
+  function recomputes attention explicitly for those rows only, ``(n, H, n_new, kv)``, applies
+  the edit and replaces their output: no full attention matrix is materialised.
+- Decode (one query position, on the torch route): one explicit pass for every row, ``(B, H, 1,
+  kv)`` logits -> edits -> softmax -> edits of the weights -> values, instead of SDPA plus a
+  recomputation of the edited rows; rows the plan does not edit get plain attention.
 
 Edit kinds (:class:`AttentionEdit`):
 - ``edit_logits``: pre-softmax, on the scaled logits ``q k^T * scaling`` with the mask applied
   (masked keys at the dtype's minimum, as the references' eager code): PAI, FIA.
+- ``edit_probs``: post-softmax, at decode steps: VAR (its prefill part is ``post_attention``).
 - ``head_scale``: per-head factors on the attention output before ``o_proj``: VHR.
 """
 
@@ -49,6 +53,12 @@ class AttentionEdit:
         """Return edited copies of ``logits`` (n, H, 1, kv) of the last query position of the
         plan's rows (``plan.keys()`` gives their (n, kv) image keys); None when this edit has no
         pre-softmax part."""
+        return None
+
+    def edit_probs(self, layer: int, probs: torch.Tensor, plan: EditPlan
+                   ) -> torch.Tensor | None:
+        """Decode steps only: edited copies of the post-softmax weights ``probs`` (n, H, 1, kv)
+        of the plan's rows, or None."""
         return None
 
     def head_scale(self, layer: int, plan: EditPlan) -> torch.Tensor | None:
@@ -98,24 +108,38 @@ class EditPlan:
     # (OPERA; the mask is then a 4D tree mask and edits apply to all Q positions).
     n_new: int = 1
     captured: dict[str, torch.Tensor] = field(default_factory=dict)  # what edits recorded
+    index: torch.Tensor | None = None  # rows.nonzero(), when the caller has it already
 
     def __post_init__(self) -> None:
-        self.index = self.rows.nonzero().flatten()
+        if self.index is None:
+            self.index = self.rows.nonzero().flatten()
+        self.all_rows = len(self.index) == len(self.rows)
         self.layer_set = set().union(*(e.layers() for e in self.edits)) if self.edits else set()
+        self.memo: dict[str, object] = {}  # what edits derive once per forward, for every layer
 
     def keys(self) -> torch.Tensor:
         """(n, kv) image keys of the edited rows."""
-        return self.image_keys[self.index]
+        if "keys" not in self.memo:
+            self.memo["keys"] = self.image_keys if self.all_rows else self.image_keys[self.index]
+        return self.memo["keys"]
 
     def data(self, name: str) -> torch.Tensor:
         """(n, ...) per-row state ``name`` of the edited rows (from ``Method.prepare``)."""
         return self.row_data[name][self.index]
 
-    def key_flags(self, name: str) -> torch.Tensor:
-        """(R, kv, ...) per-key state ``name`` over the cached keys and this forward's keys."""
-        fresh = self.fresh[name]
-        past = self.key_state.get(name)
+    def key_flags(self, name: str, layer: int | None = None) -> torch.Tensor:
+        """(R, kv, ...) per-key state ``name`` over the cached keys and this forward's keys
+        (``[..., layer]`` of it when ``layer`` is given)."""
+        fresh, past = self.fresh[name], self.key_state.get(name)
+        if layer is not None:
+            fresh, past = fresh[..., layer], (past[..., layer] if past is not None else None)
         return fresh if past is None else torch.cat([past, fresh], dim=1)
+
+    def remember(self, key: str, make):
+        """``make()``, computed once per forward (the plan lives for one forward)."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
 
 _PLAN: ContextVar[EditPlan | None] = ContextVar("veridical_edit_plan", default=None)
@@ -132,14 +156,14 @@ def plan_active(plan: EditPlan | None) -> Iterator[None]:
 
 def veridical_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                         scaling: float | None = None, **kwargs):
-    """SDPA, then the active plan's edits on the last query position of its rows."""
-    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                          dropout=dropout, scaling=scaling, **kwargs)
+    """SDPA, then the active plan's edits on the last query position of its rows (module
+    docstring; decode steps take one explicit pass instead)."""
     plan = _PLAN.get()
     layer = getattr(module, "layer_idx", None)
     if plan is None or layer not in plan.layer_set or plan.index.numel() == 0:
-        return out, weights
-    idx = plan.index.to(out.device)
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    idx = plan.index.to(query.device)
     n = plan.n_new  # the trailing query positions that produce next tokens
     pre = [e for e in plan.edits if layer in e.layers()]
     fused = _fused(layer, pre, plan, module, query, key, value, attention_mask, scaling)
@@ -149,7 +173,12 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
             scale = edit.head_scale(layer, plan)
             if scale is not None:
                 out[idx, -n:] = out[idx, -n:] * scale.to(out.dtype)[:, None, :, None]
-        return out, weights
+        return out, None
+    if query.shape[2] == 1:
+        return _decode_step(layer, pre, plan, module, query, key, value, attention_mask,
+                            scaling), None
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                          dropout=dropout, scaling=scaling, **kwargs)
     out = out.clone()
     logits = _last_row_logits(module, query, key, attention_mask, scaling, idx, n)
     edited = False
@@ -174,6 +203,50 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
         if new is not None:
             out = new
     return out, weights
+
+
+def _decode_step(layer, edits, plan, module, query, key, value, attention_mask, scaling
+                 ) -> torch.Tensor:
+    """One query position: explicit attention for every row with the edits on the plan's rows,
+    (B, 1, H, D)."""
+    idx = plan.index.to(query.device)
+
+    def on_rows(full: torch.Tensor, edit_rows) -> torch.Tensor:
+        """``edit_rows`` applied to the plan's rows of ``full`` (B, H, 1, kv)."""
+        if plan.all_rows:
+            new = edit_rows(full)
+            return full if new is None else new
+        new = edit_rows(full[idx])
+        return full if new is None else full.index_copy(0, idx, new)
+
+    def chain(method: str):
+        def apply(x: torch.Tensor) -> torch.Tensor | None:
+            edited = None
+            for edit in edits:
+                new = getattr(edit, method)(layer, x if edited is None else edited, plan)
+                edited = new if new is not None else edited
+            return edited
+        return apply
+
+    logits = row_logits(module, query, key, attention_mask, scaling, None)
+    logits = on_rows(logits, chain("edit_logits"))
+    probs = on_rows(torch.softmax(logits, dim=-1, dtype=torch.float32), chain("edit_probs"))
+    groups = getattr(module, "num_key_value_groups", 1)
+    out = torch.matmul(probs.to(value.dtype), repeat_kv(value, groups)).transpose(1, 2)
+    for edit in edits:
+        scale = edit.head_scale(layer, plan)
+        if scale is None:
+            continue
+        factor = scale.to(out.dtype)[:, None, :, None]
+        out = out * factor if plan.all_rows else out.index_copy(0, idx, out[idx] * factor)
+    inputs = None
+    for edit in edits:
+        inputs = inputs or AttentionInputs(module, query, key, value, attention_mask,
+                                           scaling if scaling is not None else query.shape[-1] ** -0.5)
+        new = edit.post_attention(layer, inputs, plan, out)
+        if new is not None:
+            out = new
+    return out.contiguous()
 
 
 def _fused(layer, edits, plan, module, query, key, value, attention_mask, scaling):
@@ -223,23 +296,29 @@ def _last_row_logits(module, query, key, attention_mask, scaling, idx, n: int = 
 
 def row_logits(module, query, key, attention_mask, scaling, idx, last: int | None = None
                ) -> torch.Tensor:
-    """Scaled, masked logits (n, H, q, kv) of rows ``idx`` (all query positions, or the
-    ``last`` ones), masked keys at the dtype's minimum as the references' eager code."""
+    """Scaled, masked logits (n, H, q, kv) of rows ``idx`` (None: every row; all query
+    positions, or the ``last`` ones), masked keys at the dtype's minimum as the references'
+    eager code."""
     groups = getattr(module, "num_key_value_groups", 1)
-    q = query[idx, :, -last:, :] if last else query[idx]  # (n, H, q, D)
-    k = repeat_kv(key[idx], groups)  # (n, H, kv, D)
+    if idx is None:
+        q, k, mask = query, repeat_kv(key, groups), attention_mask
+    else:
+        q, k = query[idx], repeat_kv(key[idx], groups)  # (n, H, q, D), (n, H, kv, D)
+        mask = attention_mask[idx] if attention_mask is not None else None
+    if last:
+        q = q[:, :, -last:]
+        mask = mask[:, :, -last:] if mask is not None else None
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     logits = torch.matmul(q, k.transpose(2, 3)) * scale
     if attention_mask is None:  # no padding: causal, queries aligned to the end of the keys
         n_q, n_k = logits.shape[-2], logits.shape[-1]
         causal = torch.ones(n_q, n_k, dtype=torch.bool, device=logits.device).tril(n_k - n_q)
         return logits.masked_fill(~causal, torch.finfo(logits.dtype).min)
-    if attention_mask is not None:
-        mask = attention_mask[idx][:, :, -last:, :] if last else attention_mask[idx]
+    if mask is not None:
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
         else:
-            logits = torch.maximum(logits + mask, torch.tensor(torch.finfo(logits.dtype).min))
+            logits = (logits + mask).clamp_min(torch.finfo(logits.dtype).min)
     return logits
 
 

@@ -148,6 +148,7 @@ class _Rows:
         self.mask = batch["attention_mask"]  # (R, L)
         self.positions = _prefill_positions(model, batch)  # (..., R, T): batch dim is -2
         self.cache = None
+        self._main: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (slots, rows, index)
 
     def _plan(self, n_new: int) -> EditPlan | None:
         if not self.edits:
@@ -155,8 +156,12 @@ class _Rows:
         keys = self.image_keys
         if keys is None:
             keys = torch.zeros_like(self.mask, dtype=torch.bool)
-        return EditPlan(self.edits, self.info.mask("main"), keys, self.row_data, self.key_state,
-                        impl=self.impl, n_new=n_new)
+        if self._main is None or self._main[0] != self.info.n_slots:  # rows changed
+            rows = self.info.mask("main")
+            self._main = (self.info.n_slots, rows, rows.nonzero().flatten())
+        _, rows, index = self._main
+        return EditPlan(self.edits, rows, keys, self.row_data, self.key_state,
+                        impl=self.impl, n_new=n_new, index=index)
 
     def _forward(self, n_new: int = 1, **inputs) -> Any:
         """One model forward with the edit plan active (``n_new``: how many trailing query

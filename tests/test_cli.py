@@ -64,4 +64,6 @@ def test_bench_methods_reports_ratios_to_the_baseline(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["none", "vcd", "ritual", "none (eager)"]
     assert rows[0]["time_per_token_ratio"] == 1.0
+    assert rows[0]["first_token_ratio"] == rows[0]["decode_per_token_ratio"] == 1.0
     assert all(r["tokens"] == 6 and r["time_per_token_ratio"] > 0 for r in rows)
+    assert all(r["first_token_ratio"] > 0 and r["decode_per_token_ratio"] > 0 for r in rows)

@@ -526,16 +526,17 @@ def test_hypothesis_valid_requests_long(server):
 # A server whose engine waits at a gate ------------------------------------------------------
 class GatedEngine:
     """The tiny engine, but ``run`` waits until ``gate`` is set (bounded) and records batches;
-    a prompt of ``"boom"`` raises an unexpected error. With ``token_gate`` set to an unset
-    event, every token also waits for it after the server's callback has seen the token;
-    ``tokens`` records (prompt, token, what the callback answered)."""
+    a prompt of ``"boom"`` raises an unexpected error. Each token of a request whose prompt is
+    in ``paced`` waits at ``token_gate`` after the server's callback has seen it; ``tokens``
+    records (prompt, token, what the callback answered) of those."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.batches: list[list[str]] = []
-        self.token_gate: threading.Event | None = None
+        self.token_gate = threading.Event()
+        self.paced: set[str] = set()
         self.tokens: list[tuple[str, int, bool]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -548,15 +549,16 @@ class GatedEngine:
             raise RuntimeError("the test never opened the gate")
         if any(r.prompt == "boom" for r in requests):
             raise RuntimeError("boom")
-        gate = self.token_gate
-        if on_token is None or gate is None:
+        if on_token is None or not self.paced:
             return self._engine.run(requests, method, config, seeds, on_token=on_token)
 
         def paced(request: int, token: int, logprob: Any) -> bool:
             go_on = on_token(request, token, logprob)
-            self.tokens.append((requests[request].prompt, token, go_on))
-            if not gate.wait(30):
-                raise RuntimeError("the test never opened the token gate")
+            prompt = requests[request].prompt
+            if prompt in self.paced:
+                self.tokens.append((prompt, token, go_on))
+                if not self.token_gate.wait(30):
+                    raise RuntimeError("the test never opened the token gate")
             return go_on
 
         return self._engine.run(requests, method, config, seeds, on_token=paced)
@@ -627,7 +629,7 @@ def test_disconnected_clients_are_cancelled(gated):
 
 
 def test_streaming_sends_tokens_before_the_answer_is_done(gated):
-    gated.engine.token_gate = threading.Event()
+    gated.engine.paced = {PROMPT}
     gated.engine.gate.set()
     want = tiny_engine("llava").generate(IMAGE, PROMPT, max_new_tokens=6)
     with httpx.stream("POST", gated.url + "/v1/chat/completions", timeout=30,
@@ -648,20 +650,25 @@ def test_streaming_sends_tokens_before_the_answer_is_done(gated):
 
 
 def test_a_client_that_hangs_up_leaves_the_running_batch(gated):
-    gated.engine.token_gate = threading.Event()
+    gated.engine.paced = {PROMPT, "stays"}
     batcher = gated.app.state.serving.batcher
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_send, gated.url, body(max_tokens=1, messages=user(None, "first")))
+        assert gated.engine.entered.wait(20)  # "first" holds the engine; the next two queue
         stays = pool.submit(_send, gated.url, body(max_tokens=6, messages=user(IMAGE_URL, "stays")))
         with httpx.stream("POST", gated.url + "/v1/chat/completions", timeout=30,
                           json=body(stream=True, max_tokens=6)) as response:
-            assert next(response.iter_lines()).startswith("data: ")  # the role chunk
-            wait_until(lambda: batcher.running == 2 or len(gated.engine.batches) == 2)
+            lines = response.iter_lines()  # (dropping the iterator would hang up at once)
+            assert next(lines).startswith("data: ")  # the role chunk
+            wait_until(lambda: batcher.queued == 2)
             gated.engine.gate.set()
-            wait_until(lambda: len(gated.engine.tokens) >= 1)
+            wait_until(lambda: len(gated.engine.tokens) >= 1)  # their batch runs
         wait_until(lambda: batcher.stats.cancelled == 1)  # hung up while its batch runs
         gated.engine.token_gate.set()
+        assert first.result(timeout=60).status_code == 200
         assert stays.result(timeout=60).json()["choices"][0]["message"]["content"] == \
             tiny_engine("llava").generate(IMAGE, "stays", max_new_tokens=6).text
+    assert sorted(gated.engine.batches[1]) == sorted([PROMPT, "stays"])
     gone = [go_on for prompt, _, go_on in gated.engine.tokens if prompt == PROMPT]
     assert gone[-1] is False and len(gone) < 6  # its row stopped early, the other went on
     assert len([p for p, _, _ in gated.engine.tokens if p == "stays"]) == 6

@@ -4,7 +4,10 @@
 ``model.generate`` on the same model, requests and batch sizes, greedy.
 ``bench_methods``: per-token time of every registered method (at its defaults) divided by the
 baseline's, on the same model, requests and batch sizes, greedy; search strategies (OPERA, 5
-beams) also against our beam search with 5 beams.
+beams) also against our beam search with 5 beams. Besides the whole call's time per token, it
+splits the call: the first token (prefill, plus a method's own set-up forwards such as VHR's
+text-only prefill), timed by a run with ``max_new_tokens=1``, and the decoding after it, per
+token: ``(t_full - t_first) / (n_full - n_first)``.
 Both alternate the contenders several times and keep each one's best time, so that machine
 noise hits all alike.
 """
@@ -89,7 +92,7 @@ def bench_engine(engine, batch_sizes: list[int], max_new_tokens: int = 32,
     return rows
 
 
-def _method_tokens(engine, images, prompts, max_new_tokens: int, method: str,
+def _method_tokens(engine, images, prompts, max_new_tokens: int, method: str = "none",
                    num_beams: int = 1) -> int:
     results = engine.generate(images, prompts, method=method, max_new_tokens=max_new_tokens,
                               num_beams=num_beams)
@@ -106,14 +109,14 @@ def applicable_methods(engine) -> list[str]:
     return names
 
 
-def _eager_tokens(engine, images, prompts, max_new_tokens: int) -> int:
+def _eager_tokens(engine, images, prompts, max_new_tokens: int = 32) -> int:
     """The baseline with eager attention: the route the reference implementations force."""
     config = engine.model.config
     multimodal = engine.adapter.multimodal
     previous = config.get_text_config()._attn_implementation if multimodal else config._attn_implementation
     engine.model.set_attn_implementation({"text_config": "eager"} if multimodal else "eager")
     try:
-        return _method_tokens(engine, images, prompts, max_new_tokens, "none")
+        return _method_tokens(engine, images, prompts, max_new_tokens)
     finally:
         engine.model.set_attn_implementation(
             {"text_config": previous} if multimodal else previous)
@@ -128,24 +131,41 @@ def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = No
     for batch_size in batch_sizes:
         images = bench_images(batch_size)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
-        fns = {m: partial(_method_tokens, engine, images, prompts, max_new_tokens, m)
-               for m in methods}
-        fns["none (eager)"] = partial(_eager_tokens, engine, images, prompts, max_new_tokens)
+        fns: dict = {}
+        contenders = {m: partial(_method_tokens, engine, images, prompts, method=m)
+                      for m in methods}
+        contenders["none (eager)"] = partial(_eager_tokens, engine, images, prompts)
         searches = [m for m in methods if m.startswith("opera")]
         if searches:  # OPERA is a beam search: also compare with ours at its beams
-            fns[BEAM] = partial(_method_tokens, engine, images, prompts, max_new_tokens, "none",
-                                num_beams=5)
+            contenders[BEAM] = partial(_method_tokens, engine, images, prompts, method="none",
+                                       num_beams=5)
+        for name, fn in contenders.items():
+            fns[name] = partial(fn, max_new_tokens=max_new_tokens)
+            fns[(name, "first")] = partial(fn, max_new_tokens=1)
         timed = time_alternating(fns, repeats)
-        base_t, base_n = timed["none"]
-        for m in fns:
-            t, n = timed[m]
-            row = {"batch_size": batch_size, "method": m, "tokens_per_s": n / t,
-                   "tokens": n, "time_per_token_ratio": (t / n) / (base_t / base_n)}
-            if m in searches:
-                beam_t, beam_n = timed[BEAM]
-                row["time_per_token_vs_beam"] = (t / n) / (beam_t / beam_n)
+
+        base = _split(timed, "none")
+        for name in contenders:
+            per_token, first, decode = _split(timed, name)
+            t, n = timed[name]
+            row = {"batch_size": batch_size, "method": name, "tokens_per_s": n / t,
+                   "tokens": n, "time_per_token_ratio": per_token / base[0],
+                   "first_token_ratio": first / base[1],
+                   "decode_per_token_ratio": (decode / base[2]
+                                              if decode and base[2] else None)}
+            if name in searches:
+                beam = _split(timed, BEAM)
+                row["time_per_token_vs_beam"] = per_token / beam[0]
+                row["decode_per_token_vs_beam"] = (decode / beam[2]
+                                                   if decode and beam[2] else None)
             rows.append(row)
     return rows
 
 
 BEAM = "none (beam search, 5 beams)"
+
+
+def _split(timed: dict, name: str) -> tuple[float, float, float | None]:
+    """(time per token of the call, first-token time, decode time per later token)."""
+    (t, n), (t1, n1) = timed[name], timed[(name, "first")]
+    return t / n, t1, ((t - t1) / (n - n1) if n > n1 else None)

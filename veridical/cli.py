@@ -145,6 +145,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def cmd_bench_methods(args: argparse.Namespace) -> int:
     import veridical
 
@@ -158,8 +162,12 @@ def cmd_bench_methods(args: argparse.Namespace) -> int:
         ("method", lambda r: r["method"]),
         ("tok/s", lambda r: f"{r['tokens_per_s']:.1f}"),
         ("time/token vs none", lambda r: f"{r['time_per_token_ratio']:.2f}x"),
-        ("vs beam search", lambda r: f"{r['time_per_token_vs_beam']:.2f}x"
-         if "time_per_token_vs_beam" in r else ""),
+        ("first token vs none", lambda r: f"{r['first_token_ratio']:.2f}x"),
+        ("decode/token vs none", lambda r: _ratio(r["decode_per_token_ratio"])),
+        ("vs beam search (time/token; decode/token)",
+         lambda r: f"{r['time_per_token_vs_beam']:.2f}x; "
+                   f"{_ratio(r['decode_per_token_vs_beam'])}" if "time_per_token_vs_beam" in r
+         else ""),
     ])
     return 0
 

@@ -99,7 +99,10 @@ class FIAEdit(AttentionEdit):
 
     def _sets(self, plan, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, kv) top and bottom keys of the edited rows: the k-th image key of a row takes
-        the k-th entry of its request's selection."""
+        the k-th entry of its request's selection (once per forward)."""
+        return plan.remember("fia_sets", lambda: self._make_sets(plan, device))
+
+    def _make_sets(self, plan, device) -> tuple[torch.Tensor, torch.Tensor]:
         image = plan.keys().to(device)
         rank = (image.cumsum(-1) - 1).clamp_min(0)
         out = []

@@ -73,7 +73,7 @@ class VAREdit(AttentionEdit):
         q = inputs.query
         idx = plan.index.to(q.device)
         image = plan.image_keys.to(q.device)
-        sink = plan.key_flags("var_sink")[:, :, layer].to(q.device)
+        sink = plan.key_flags("var_sink", layer).to(q.device)
         n_q, n_k = q.shape[2], image.shape[1]
         rows = torch.zeros(q.shape[0], n_q, dtype=torch.bool, device=q.device)
         queries = _query_positions(inputs.attention_mask, idx, image[idx], n_q, n_k)
@@ -81,14 +81,23 @@ class VAREdit(AttentionEdit):
         return {"var": KernelVAR(groups=key_groups(image, sink), rows=rows, p=self.p,
                                  rho=self.rho, summ=self.summ, scale_text=False)}
 
+    def edit_probs(self, layer, probs, plan):
+        image = plan.keys().to(probs.device)
+        sink = plan.key_flags("var_sink", layer).to(probs.device)
+        sink = sink if plan.all_rows else sink[plan.index]
+        queries = torch.ones(len(probs), 1, dtype=torch.bool, device=probs.device)
+        return var_reweight(probs, image, sink, queries, self.p, self.rho, self.summ)[0]
+
     def post_attention(self, layer, inputs, plan, out):
+        if inputs.query.shape[2] == 1:  # a decode step: edit_probs did it
+            return None
         idx = plan.index.to(out.device)
         logits = row_logits(inputs.module, inputs.query, inputs.key, inputs.attention_mask,
                             inputs.scaling, idx)  # (n, H, q, kv)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         n_q, n_k = probs.shape[-2:]
         image = plan.keys().to(out.device)
-        sink = plan.key_flags("var_sink")[plan.index, :, layer].to(out.device)
+        sink = plan.key_flags("var_sink", layer)[plan.index].to(out.device)
         queries = _query_positions(inputs.attention_mask, idx, image, n_q, n_k)
         new, changed = var_reweight(probs, image, sink, queries, self.p, self.rho, self.summ)
         if not changed.any():
