@@ -195,13 +195,8 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
         scale = edit.head_scale(layer, plan)
         if scale is not None:
             out[idx, -n:] = out[idx, -n:] * scale.to(out.dtype)[:, None, :, None]
-    inputs = None
-    for edit in pre:
-        inputs = inputs or AttentionInputs(module, query, key, value, attention_mask,
-                                           scaling if scaling is not None else query.shape[-1] ** -0.5)
-        new = edit.post_attention(layer, inputs, plan, out)
-        if new is not None:
-            out = new
+    out = _post_attention(layer, pre, plan, module, query, key, value, attention_mask, scaling,
+                          out)
     return out, weights
 
 
@@ -239,14 +234,21 @@ def _decode_step(layer, edits, plan, module, query, key, value, attention_mask, 
             continue
         factor = scale.to(out.dtype)[:, None, :, None]
         out = out * factor if plan.all_rows else out.index_copy(0, idx, out[idx] * factor)
-    inputs = None
+    out = _post_attention(layer, edits, plan, module, query, key, value, attention_mask, scaling,
+                          out)
+    return out.contiguous()
+
+
+def _post_attention(layer, edits, plan, module, query, key, value, attention_mask, scaling,
+                    out: torch.Tensor) -> torch.Tensor:
+    """``out`` after every edit's ``post_attention``."""
+    inputs = AttentionInputs(module, query, key, value, attention_mask,
+                             scaling if scaling is not None else query.shape[-1] ** -0.5)
     for edit in edits:
-        inputs = inputs or AttentionInputs(module, query, key, value, attention_mask,
-                                           scaling if scaling is not None else query.shape[-1] ** -0.5)
         new = edit.post_attention(layer, inputs, plan, out)
         if new is not None:
             out = new
-    return out.contiguous()
+    return out
 
 
 def _fused(layer, edits, plan, module, query, key, value, attention_mask, scaling):
