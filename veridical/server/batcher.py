@@ -17,7 +17,8 @@ Contract:
   client never waits.
 - Bounded: more than ``max_queue_size`` waiting jobs -> ``QueueFull`` (the server answers 429).
 - Cancellation: ``cancel(job)`` drops a waiting job from the queue; a job already inside a running
-  batch cannot be stopped mid-call (the engine has no hook for it), so its result is discarded.
+  batch is marked (its future cancelled) and its result discarded; stopping its work is the
+  ``run`` function's business (the chat server's ends the row at its next token).
 - Shutdown: ``close()`` refuses new jobs (``ShuttingDown``), lets every queued and running job
   finish, then stops the worker.
 """
