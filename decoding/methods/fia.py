@@ -31,7 +31,7 @@ import torch
 from ..attention import AttentionEdit, last_row_mask
 from ..method import Param
 from ..registry import register
-from .pai import PAI
+from .pai import PAI, boost_logits
 
 logger = logging.getLogger(__name__)
 CLS_TOWER_FAMILIES = ("llava",)
@@ -49,12 +49,11 @@ def select_tokens(early: torch.Tensor, late: torch.Tensor, ratio: float
     return top & ~bottom, bottom
 
 
-def fia_logits(logits: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor,
-               alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """``a + alpha_h |a|`` on top keys, ``a + beta_h |a|`` on bottom keys; logits (n, H, q, kv),
-    top/bottom (n, kv) bool, alpha/beta (H,)."""
-    factor = (top[:, None, :] * alpha[None, :, None] + bottom[:, None, :] * beta[None, :, None])
-    return logits + factor[:, :, None, :].to(logits.dtype) * logits.abs()
+def fia_factor(sets: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Per-head factors (n, H, 1, kv) of ``boost_logits``: ``alpha_h`` on top keys, ``beta_h`` on
+    bottom keys, 0 elsewhere, from ``sets`` (n, kv, 2) = (top, bottom) as 0/1 and
+    ``coefficients`` (2, H) = (alpha_h, beta_h). The sets are disjoint, so each entry is exact."""
+    return torch.matmul(sets, coefficients).transpose(1, 2)[:, :, None, :]
 
 
 def cls_attention(engine, requests, layers: tuple[int, int]) -> list[torch.Tensor]:
@@ -93,6 +92,7 @@ class FIAEdit(AttentionEdit):
     def __init__(self, layers: range, alpha: float, beta: float, modulation: torch.Tensor):
         self._layers, self.a, self.b, self.modulation = set(layers), alpha, beta, modulation
         self.alpha, self.beta = alpha * modulation, beta * modulation  # (L, H) each
+        self.coefficients = torch.stack([self.alpha, self.beta], dim=1)  # (L, 2, H)
 
     def layers(self) -> set[int]:
         return self._layers
@@ -112,9 +112,10 @@ class FIAEdit(AttentionEdit):
         return out[0], out[1]
 
     def edit_logits(self, layer, logits, plan):
-        top, bottom = self._sets(plan, logits.device)
-        return fia_logits(logits, top, bottom, self.alpha[layer].to(logits.device),
-                          self.beta[layer].to(logits.device))
+        sets = plan.remember("fia_sets_float", lambda: torch.stack(
+            self._sets(plan, logits.device), dim=-1).to(logits.dtype))  # (n, kv, 2)
+        coefficients = self.coefficients[layer].to(logits.device, logits.dtype)
+        return boost_logits(logits, fia_factor(sets, coefficients))
 
     def kernel_args(self, layer, inputs, plan):
         # alpha_h * top + beta_h * bottom = m_h * (alpha * top + beta * bottom)

@@ -18,10 +18,11 @@ from ..registry import register
 from .pai_cfg import PAICFG
 
 
-def pai_logits(logits: torch.Tensor, image_keys: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``a + alpha * |a|`` on image columns of logits (n, H, q, kv); image_keys (n, kv)."""
-    boosted = logits + alpha * logits.abs()
-    return torch.where(image_keys[:, None, None, :], boosted, logits)
+def boost_logits(logits: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``a + f * |a|`` for logits ``a`` (n, H, q, kv) and factors ``f`` broadcast to them (0 on
+    the keys left alone): PAI's rule with ``f = alpha`` on image keys, FIA's with per-head
+    factors on its two key sets."""
+    return logits.addcmul(factor, logits.abs())
 
 
 def mapped_start(layers: int, paper_start: int = 2, paper_layers: int = 32) -> int:
@@ -36,7 +37,9 @@ class PAIEdit(AttentionEdit):
         return self._layers
 
     def edit_logits(self, layer, logits, plan):
-        return pai_logits(logits, plan.keys().to(logits.device), self.alpha)
+        factor = plan.remember("pai_factor", lambda: self.alpha * plan.keys().to(
+            logits.device, logits.dtype)[:, None, None, :])  # (n, 1, 1, kv), once per forward
+        return boost_logits(logits, factor)
 
     def kernel_args(self, layer, inputs, plan):
         from veridical.kernels import PreSoftmax

@@ -41,21 +41,20 @@ def var_reweight(probs: torch.Tensor, image: torch.Tensor, sink: torch.Tensor,
     """VAR on post-softmax weights ``probs`` (n, H, q, kv) with key groups ``image``/``sink``
     (n, kv) and the query positions to consider ``queries`` (n, q). Returns the new weights and
     the (n, H, q) mask of the (head, query) pairs that were redistributed."""
-    img = image[:, None, None, :].to(probs.dtype)
-    img_sink = (image & sink)[:, None, None, :].to(probs.dtype)
-    moved = sink[:, None, None, :]  # every sink key, text or image
-    target = (image & ~sink)[:, None, None, :]
-    total_image = (probs * img).sum(-1)
-    share = (probs * img_sink).sum(-1) / (total_image + 1e-6)  # the reference's epsilon
-    has_image_sink = (image & sink).any(-1)[:, None, None]
-    centric = (share <= rho) & (total_image >= summ) & queries[:, None, :] & has_image_sink
-    removed = (1 - p) * (probs * moved).sum(-1, keepdim=True)
-    target_mass = (probs * target).sum(-1, keepdim=True)
-    gain = torch.where(target_mass > 0, removed / target_mass.clamp_min(1e-30), 0.0)
-    new = torch.where(moved, probs * p, torch.where(target, probs * (1 + gain), probs))
-    has_target = target_mass[..., 0] > 0
-    changed = centric & has_target & (p != 1.0)
-    return torch.where(changed[..., None], new, probs), changed
+    image_sink, target = image & sink, image & ~sink
+    groups = torch.stack([image, image_sink, sink, target], dim=-1).to(probs.dtype)  # (n, kv, 4)
+    sums = torch.matmul(probs, groups[:, None])  # (n, H, q, 4): the four group masses
+    total_image, sink_image, sink_mass, target_mass = sums.unbind(-1)
+    share = sink_image / (total_image + 1e-6)  # the reference's epsilon
+    centric = ((share <= rho) & (total_image >= summ) & queries[:, None, :]
+               & image_sink.any(-1)[:, None, None])
+    changed = centric & (target_mass > 0) & (p != 1.0)
+    # the sink keys (text or image) keep p of their weight; the removed (1 - p) * mass goes to
+    # the non-sink image keys in proportion to their weights
+    gain = (1 - p) * sink_mass / target_mass.clamp_min(1e-30)
+    factor = torch.where(sink[:, None, None, :], p,
+                         torch.where(target[:, None, None, :], 1 + gain[..., None], 1.0))
+    return torch.where(changed[..., None], probs * factor, probs), changed
 
 
 class VAREdit(AttentionEdit):
@@ -149,7 +148,7 @@ def sink_hooks(engine, dims: list[int], tau: float) -> list:
         return record
 
     return [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
-            for i, layer in enumerate(layers)]
+            for i, layer in enumerate(layers[:-1])]  # the last layer is not edited
 
 
 @register
