@@ -59,11 +59,21 @@ def test_parse_sets():
 
 def test_bench_methods_reports_ratios_to_the_baseline(capsys):
     assert main(["bench", "methods", "--model", "tiny-random:llava", "--batch-size", "2",
-                 "--methods", "vcd,ritual", "--max-new-tokens", "3", "--repeats", "1",
-                 "--json"]) == 0
+                 "--methods", "vcd,ritual,vcd:alpha=0", "--max-new-tokens", "3", "--repeats",
+                 "1", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["method"] for r in rows] == ["none", "vcd", "ritual", "none (eager)"]
+    assert [r["method"] for r in rows] == ["none", "vcd", "ritual", "vcd:alpha=0", "none (eager)"]
     assert rows[0]["time_per_token_ratio"] == 1.0
     assert rows[0]["first_token_ratio"] == rows[0]["decode_per_token_ratio"] == 1.0
     assert all(r["tokens"] == 6 and r["time_per_token_ratio"] > 0 for r in rows)
     assert all(r["first_token_ratio"] > 0 and r["decode_per_token_ratio"] > 0 for r in rows)
+
+
+def test_bench_method_specs_parse_and_name_a_bad_one():
+    from veridical.bench import method_spec
+    from veridical.errors import InputError
+
+    assert method_spec("pai:gamma=1:alpha=0.5") == ("pai", {"gamma": "1", "alpha": "0.5"})
+    assert method_spec("vcd") == ("vcd", {})
+    with pytest.raises(InputError, match="'gamma' is not KEY=VALUE"):
+        method_spec("pai:gamma")

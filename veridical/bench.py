@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .decoding.inputs import collate, encode
+from .errors import InputError
 
 PROMPTS = (
     "describe this image in detail .",
@@ -94,9 +95,21 @@ def bench_engine(engine, batch_sizes: list[int], max_new_tokens: int = 32,
 
 def _method_tokens(engine, images, prompts, max_new_tokens: int, method: str = "none",
                    num_beams: int = 1) -> int:
-    results = engine.generate(images, prompts, method=method, max_new_tokens=max_new_tokens,
-                              num_beams=num_beams)
+    name, args = method_spec(method)
+    results = engine.generate(images, prompts, method=name, method_args=args,
+                              max_new_tokens=max_new_tokens, num_beams=num_beams)
     return sum(r.completion_tokens for r in results)
+
+
+def method_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"pai:gamma=1:alpha=0.5"`` -> ``("pai", {"gamma": "1", "alpha": "0.5"})``: a method with
+    parameters away from its defaults, as one benchmark contender."""
+    name, *sets = spec.split(":")
+    bad = [s for s in sets if "=" not in s]
+    if bad:
+        raise InputError(f"method {spec!r}: {bad[0]!r} is not KEY=VALUE; write e.g. "
+                         "pai:gamma=1")
+    return name.strip(), dict(s.split("=", 1) for s in sets)
 
 
 def applicable_methods(engine) -> list[str]:
@@ -135,7 +148,7 @@ def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = No
         contenders = {m: partial(_method_tokens, engine, images, prompts, method=m)
                       for m in methods}
         contenders["none (eager)"] = partial(_eager_tokens, engine, images, prompts)
-        searches = [m for m in methods if m.startswith("opera")]
+        searches = [m for m in methods if method_spec(m)[0].startswith("opera")]
         if searches:  # OPERA is a beam search: also compare with ours at its beams
             contenders[BEAM] = partial(_method_tokens, engine, images, prompts, method="none",
                                        num_beams=5)

@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     meth_b = bench_sub.add_parser("methods", help="per-token time of each method vs baseline")
     meth_b.add_argument("--model", default="tiny-random:llava")
     meth_b.add_argument("--batch-size", type=_int_list, default=[1, 8])
-    meth_b.add_argument("--methods", default=None, help="comma list (default: all applicable)")
+    meth_b.add_argument("--methods", default=None,
+                        help="comma list (default: all applicable); NAME:KEY=VALUE[:KEY=VALUE] "
+                             "runs a method away from its defaults, e.g. pai:gamma=1")
     meth_b.add_argument("--max-new-tokens", type=int, default=32)
     meth_b.add_argument("--repeats", type=int, default=3)
     meth_b.add_argument("--device", default=None)
