@@ -12,9 +12,9 @@ Streaming and log-probabilities (greedy and sampling; beam search and search met
 OPERA only know their tokens at the end): ``run(..., on_token=f)`` calls
 ``f(request, token_id, logprob)`` for each token as it is chosen (``logprob`` a
 :class:`TokenLogprob`, or None without ``DecodingConfig.logprobs``); ``f`` returning False ends
-that request at once (finish reason ``"cancelled"``). ``DecodingConfig(logprobs=k)`` records, per chosen token, its log-probability
-and the ``k`` most likely tokens' under the scores the token was chosen from (the method's
-adjusted scores, before temperature and top-p).
+that request at once (finish reason ``"cancelled"``). ``DecodingConfig(logprobs=k)`` records,
+per chosen token, its log-probability and the ``k`` most likely tokens' under the scores the
+token was chosen from (the method's adjusted scores, before temperature and top-p).
 
 Row layout: a *slot* is one sequence being decoded (a request, or one beam of a request). With
 ``S`` live slots and ``nb`` branches (the real input first), cache row ``b * S + s`` holds branch
