@@ -119,9 +119,8 @@ class EditPlan:
 
     def keys(self) -> torch.Tensor:
         """(n, kv) image keys of the edited rows."""
-        if "keys" not in self.memo:
-            self.memo["keys"] = self.image_keys if self.all_rows else self.image_keys[self.index]
-        return self.memo["keys"]
+        return self.remember("keys", lambda: self.image_keys if self.all_rows
+                             else self.image_keys[self.index])
 
     def data(self, name: str) -> torch.Tensor:
         """(n, ...) per-row state ``name`` of the edited rows (from ``Method.prepare``)."""
@@ -175,7 +174,7 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
                 out[idx, -n:] = out[idx, -n:] * scale.to(out.dtype)[:, None, :, None]
         return out, None
     if query.shape[2] == 1:
-        return _decode_step(layer, pre, plan, module, query, key, value, attention_mask,
+        return _decode_step(layer, pre, plan, idx, module, query, key, value, attention_mask,
                             scaling), None
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask,
                                           dropout=dropout, scaling=scaling, **kwargs)
@@ -200,11 +199,10 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
     return out, weights
 
 
-def _decode_step(layer, edits, plan, module, query, key, value, attention_mask, scaling
+def _decode_step(layer, edits, plan, idx, module, query, key, value, attention_mask, scaling
                  ) -> torch.Tensor:
-    """One query position: explicit attention for every row with the edits on the plan's rows,
-    (B, 1, H, D)."""
-    idx = plan.index.to(query.device)
+    """One query position: explicit attention for every row with the edits on the plan's rows
+    (``idx``, on the query's device), (B, 1, H, D)."""
 
     def on_rows(full: torch.Tensor, edit_rows) -> torch.Tensor:
         """``edit_rows`` applied to the plan's rows of ``full`` (B, H, 1, kv)."""
