@@ -312,6 +312,8 @@ def row_logits(module, query, key, attention_mask, scaling, idx, last: int | Non
     logits = torch.matmul(q, k.transpose(2, 3)) * scale
     if attention_mask is None:  # no padding: causal, queries aligned to the end of the keys
         n_q, n_k = logits.shape[-2], logits.shape[-1]
+        if n_q == 1:  # the last position sees every key
+            return logits
         causal = torch.ones(n_q, n_k, dtype=torch.bool, device=logits.device).tril(n_k - n_q)
         return logits.masked_fill(~causal, torch.finfo(logits.dtype).min)
     if mask is not None:

@@ -116,10 +116,13 @@ def image_attention_share(last_row: torch.Tensor, image_mask: torch.Tensor) -> t
     return (w * image_mask.to(w.device, torch.float32)).sum(-1).clamp(0.0, 1.0)
 
 
-def rms_abs(hidden: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
-    """``|h / sqrt(mean(h^2, -1) + eps)|``: VAR's weightless RMSNorm, ``(..., D)`` -> ``(..., D)``."""
+def rms_abs(hidden: torch.Tensor, eps: float = RMS_EPS, dims: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """``|h / sqrt(mean(h^2, -1) + eps)|``: VAR's weightless RMSNorm, ``(..., D)`` -> ``(..., D)``
+    (``(..., len(dims))``: only those dimensions, the same values, when ``dims`` is given)."""
     h = _float(hidden, "hidden")
-    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).abs()
+    inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return ((h if dims is None else h[..., dims]) * inv).abs()
 
 
 def effective_tau(tau: float, hidden_size: int) -> float:

@@ -330,6 +330,51 @@ def test_var_equals_eager_reference_with_left_padding(arch, images, prompts):
         assert (a - c).abs().max() > 1e-3
 
 
+def test_var_skips_sink_flags_only_where_no_image_sink_can_act():
+    from types import SimpleNamespace
+
+    from veridical.decoding.methods.var import may_have_image_sinks
+
+    def plan(image_keys, past, n_layers=3):
+        return SimpleNamespace(fresh={"var_sink": torch.zeros(2, 1, n_layers, dtype=torch.bool)},
+                               key_state={} if past is None else {"var_sink": past},
+                               image_keys=image_keys, memo={},
+                               remember=lambda k, make: make())
+
+    image = torch.tensor([[False, True, True, False, False], [True, True, False, False, False]])
+    past = torch.zeros(2, 4, 3, dtype=torch.bool)
+    past[0, 2, 1] = True  # row 0: image token 2 is a sink in layer 1
+    past[1, 3, 2] = True  # row 1: text token 3 is a sink in layer 2 (not an image sink)
+    assert may_have_image_sinks(plan(image, past)) == [False, True, False]
+    assert may_have_image_sinks(plan(image, None)) == [True] * 3  # the prompt's forward
+    assert may_have_image_sinks(plan(image[:, :1] & False, None)) == [False] * 3  # text only
+
+
+def test_var_skipping_sink_flags_changes_nothing(monkeypatch):
+    # The built-in model (4 layers, 3 edited) with a sink rule under which, at decode, the cache
+    # holds image sinks in layers 0-1 but not in layer 2: layer 2's new flags are skipped.
+    import veridical
+    import veridical.decoding.methods.var as var
+    from veridical.bench import PROMPTS, bench_images
+
+    engine = veridical.load("builtin:synthcoco-llava")
+    images, prompts = bench_images(2), PROMPTS[:2]
+    args = {"sink_dims": "87", "tau": 12.0}
+    kw = dict(method="var", max_new_tokens=8, logprobs=3)
+    seen, real = [], var.may_have_image_sinks
+    monkeypatch.setattr(var, "may_have_image_sinks", lambda plan: seen.append(real(plan))
+                        or seen[-1])
+    skipping = engine.generate(images, prompts, method_args=args, **kw)
+    assert [True, True, False, False] in seen  # a decode step skips layer 2, not layers 0-1
+    monkeypatch.setattr(var, "may_have_image_sinks",
+                        lambda plan: [True] * plan.fresh["var_sink"].shape[-1])
+    every_flag = engine.generate(images, prompts, method_args=args, **kw)
+    assert [r.token_ids for r in skipping] == [r.token_ids for r in every_flag]
+    assert [r.logprobs for r in skipping] == [r.logprobs for r in every_flag]
+    off = engine.generate(images, prompts, method_args={**args, "p": 1.0}, **kw)
+    assert [r.logprobs for r in off] != [r.logprobs for r in skipping]  # VAR acts here
+
+
 @pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
 def test_var_strength_zero_and_batch_invariance(arch, images, prompts):
     engine = tiny_engine(arch)

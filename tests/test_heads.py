@@ -91,6 +91,7 @@ def test_massive_activation_rule():
     h[1, 5] = 100.0  # token 1 carries a massive value in dim 5
     phi = S.rms_abs(h)
     assert phi[1, 5] == pytest.approx(8.0, rel=1e-3)  # at most sqrt(D)
+    assert torch.equal(S.rms_abs(h, dims=torch.tensor([5, 0])), phi[:, [5, 0]])
     mask = S.massive_mask(phi, 2.5, 10.0)
     assert mask.nonzero().tolist() == [[1, 5]]
     counts = torch.tensor([[0, 2, 1], [0, 3, 1], [1, 1, 0]])  # (layers, dims)

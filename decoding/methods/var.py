@@ -5,7 +5,8 @@ Sink tokens: in layers >= 2 (of 32; mapped to the model's depth), a key token is
 model by the ``heads`` profiler, ``sink_dims="auto"``, not taken from a table; ``tau`` is scaled
 to the model's width as the profiler does, so 20 is VAR's value for 4096-wide models). A forward
 pre-hook on every decoder layer records the flags of each token as it is processed, so generated
-tokens can be sinks too.
+tokens can be sinks too; it skips a layer at a forward without image tokens when no cached image
+token is a sink there (VAR cannot act on that layer any more, so those flags are never read).
 
 Redistribution, in every layer but the last, for the real-input rows: at prefill the text query
 positions after the image, at decode the new query. As the reference code does: only in layers
@@ -14,7 +15,8 @@ of its image attention is <= ``rho`` and its total image attention is >= ``summ`
 weights of the SINK keys (text sinks and image sinks; other text keys are left alone, which
 methods.md's "text and sink weights" wording leaves ambiguous) are multiplied by ``p`` and the
 removed mass ``(1 - p) * (their sum)`` goes to the non-sink image keys in proportion to their
-weights. The reference's code uses ``rho`` and ``p`` as 1 minus the paper's (the author
+weights. A layer where no row has an image sink is left untouched at once (the rule changes
+nothing there), so that case costs only the sink detection. The reference's code uses ``rho`` and ``p`` as 1 minus the paper's (the author
 confirmed); the defaults here are the code's. ``p = 1`` is the baseline.
 """
 
@@ -81,9 +83,13 @@ class VAREdit(AttentionEdit):
                                  rho=self.rho, summ=self.summ, scale_text=False)}
 
     def edit_probs(self, layer, probs, plan):
+        if not may_have_image_sinks(plan)[layer]:
+            return probs
         image = plan.keys().to(probs.device)
         sink = plan.key_flags("var_sink", layer).to(probs.device)
         sink = sink if plan.all_rows else sink[plan.index]
+        if not bool((image & sink).any()):  # no row has an image sink here: nothing changes
+            return probs
         queries = torch.ones(len(probs), 1, dtype=torch.bool, device=probs.device)
         return var_reweight(probs, image, sink, queries, self.p, self.rho, self.summ)[0]
 
@@ -91,12 +97,14 @@ class VAREdit(AttentionEdit):
         if inputs.query.shape[2] == 1:  # a decode step: edit_probs did it
             return None
         idx = plan.index.to(out.device)
+        image = plan.keys().to(out.device)
+        sink = plan.key_flags("var_sink", layer)[plan.index].to(out.device)
+        if not bool((image & sink).any()):  # no row has an image sink here: nothing changes
+            return None
         logits = row_logits(inputs.module, inputs.query, inputs.key, inputs.attention_mask,
                             inputs.scaling, idx)  # (n, H, q, kv)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         n_q, n_k = probs.shape[-2:]
-        image = plan.keys().to(out.device)
-        sink = plan.key_flags("var_sink", layer)[plan.index].to(out.device)
         queries = _query_positions(inputs.attention_mask, idx, image, n_q, n_k)
         new, changed = var_reweight(probs, image, sink, queries, self.p, self.rho, self.summ)
         if not changed.any():
@@ -124,6 +132,29 @@ def _query_positions(mask, idx, image, n_q, n_k) -> torch.Tensor:
     return after & real & (last_image[:, None] >= 0)
 
 
+def may_have_image_sinks(plan) -> list[bool]:
+    """Per layer: can a row have an image sink in this forward? Only when the forward brings
+    image tokens or the cache already holds an image sink in that layer. Image tokens come with
+    the prompt, so elsewhere VAR never acts on the layer and the new tokens' sink flags there are
+    not needed (they stay False). Call after the first sink hook of the forward ran."""
+
+    def make():
+        n_layers = plan.fresh["var_sink"].shape[-1]
+        past = plan.key_state.get("var_sink")  # (R, kv_past, L), on the CPU
+        n_past = 0 if past is None else past.shape[1]
+        image = plan.image_keys
+        if image is None:
+            return [False] * n_layers
+        if bool(image[:, n_past:].any()):
+            return [True] * n_layers
+        if past is None:
+            return [False] * n_layers
+        image_past = image[:, :n_past, None].to(past.device)
+        return (past & image_past).flatten(0, 1).any(0).tolist()
+
+    return plan.remember("var_image_sink_layers", make)
+
+
 def sink_hooks(engine, dims: list[int], tau: float) -> list:
     """Forward pre-hooks that record per layer which tokens of each forward are sinks."""
     layers = engine.adapter.decoder_layers(engine.model)
@@ -142,8 +173,8 @@ def sink_hooks(engine, dims: list[int], tau: float) -> list:
             if flags is None:
                 flags = torch.zeros(*hidden.shape[:2], len(layers), dtype=torch.bool)
                 plan.fresh["var_sink"] = flags
-            if layer_idx >= first and len(dims):
-                phi = rms_abs(hidden)[..., index.to(hidden.device)]
+            if layer_idx >= first and len(dims) and may_have_image_sinks(plan)[layer_idx]:
+                phi = rms_abs(hidden, dims=index.to(hidden.device))
                 flags[:, :, layer_idx] = (phi > threshold).any(-1).cpu()
         return record
 
