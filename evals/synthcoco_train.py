@@ -32,7 +32,9 @@ Contract:
   MME suffix. A question example is a multi-turn conversation of ``turns`` questions about one
   image (the first turn is exactly the single-turn evaluation prompt). The loss is on answer
   tokens only; each example weighs the same, and within it the yes/no token weighs
-  ``yes_no_weight`` times an ordinary answer token.
+  ``yes_no_weight`` times an ordinary answer token. The first ``early_steps`` steps may use
+  another share of captions (``early_caption_share``), and with ``early_restart`` the learning
+  rate warms up and decays twice: over those steps, then over the rest.
 - :func:`add_world_subcommands` registers ``veridical world train``.
 """
 
@@ -106,6 +108,13 @@ class TrainConfig:
     warmup: int = field(default=100, metadata={"help": "warm-up steps (then cosine to 0)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     caption_share: float = field(default=0.3, metadata={"help": "share of caption examples"})
+    early_steps: int = field(default=0, metadata={
+        "help": "the first N stage-2 steps use early_caption_share instead of caption_share"})
+    early_caption_share: float = field(default=0.05, metadata={
+        "help": "share of caption examples in the first early_steps stage-2 steps"})
+    early_restart: bool = field(default=False, metadata={
+        "help": "restart the warm-up and cosine schedule at stage-2 step early_steps (two "
+                "cycles: 0..early_steps and early_steps..steps)"})
     turns: int = field(default=3, metadata={"help": "questions per question example"})
     existence_share: float = field(default=0.7, metadata={
         "help": "share of existence questions (the rest: count, colour, position equally)"})
@@ -128,13 +137,28 @@ class TrainConfig:
                      "log_every", "eval_every", "checkpoint_every", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid; use >= 1")
-        for name in ("stage1_steps", "warmup", "tower_lr", "seed"):
+        for name in ("stage1_steps", "warmup", "tower_lr", "seed", "early_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid; use >= 0")
-        for name in ("caption_share", "existence_share"):
+        for name in ("caption_share", "early_caption_share", "existence_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid; use a "
                                  "share in [0, 1]")
+        if self.early_restart and not 0 < self.early_steps < self.steps:
+            raise ValueError(f"TrainConfig.early_restart needs 0 < early_steps < steps (got "
+                             f"early_steps={self.early_steps}, steps={self.steps})")
+
+    def lr_scale(self, step: int) -> float:
+        """The stage-2 learning rate at step ``step`` (0-based), as a share of its peak."""
+        if self.early_restart:
+            if step < self.early_steps:
+                return _cosine(step, self.early_steps, self.warmup)
+            return _cosine(step - self.early_steps, self.steps - self.early_steps, self.warmup)
+        return _cosine(step, self.steps, self.warmup)
+
+    def caption_share_at(self, step: int) -> float:
+        """The share of caption examples at stage-2 step ``step`` (0-based)."""
+        return self.early_caption_share if step < self.early_steps else self.caption_share
 
 
 # ------------------------------------------------------------------ tokenizer, processor, model
@@ -273,11 +297,13 @@ def _suffix(rng: np.random.Generator) -> str:
     return SUFFIXES[int(rng.choice(3, p=(0.3, 0.4, 0.3)))]
 
 
-def draw_example(split: Split, world: World, cfg: TrainConfig,
-                 rng: np.random.Generator) -> tuple[int, list[tuple[str, str]]]:
-    """One training example: (image index, [(prompt, answer), ...] turns)."""
+def draw_example(split: Split, world: World, cfg: TrainConfig, rng: np.random.Generator,
+                 step: int | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """One training example of stage-2 step ``step`` (None: the late share of captions):
+    (image index, [(prompt, answer), ...] turns)."""
     i = int(rng.integers(len(split.ids)))
-    if rng.random() < cfg.caption_share:
+    share = cfg.caption_share if step is None else cfg.caption_share_at(step)
+    if rng.random() < share:
         caps = split.captions[i]
         return i, [(CAPTION_PROMPT, caps[int(rng.integers(len(caps)))])]
     turns = []
@@ -723,9 +749,9 @@ def train(world_dir: str | Path, out: str | Path, cfg: TrainConfig, *,
             stopped = True
             break
         rng = np.random.default_rng([cfg.seed, 2, step])
-        examples = [draw_example(data, world, cfg, rng) for _ in range(cfg.batch)]
+        examples = [draw_example(data, world, cfg, rng, step) for _ in range(cfg.batch)]
         batch = make_batch(encoder, examples, data.pixels, mean, std)
-        scale = _cosine(step, cfg.steps, cfg.warmup)
+        scale = cfg.lr_scale(step)
         for g in opt2.param_groups:
             g["lr"] = g["base"] * scale
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -862,7 +888,9 @@ def add_world_subcommands(world_subparsers: Any) -> argparse.ArgumentParser:
         "training settings (defaults: the first, unshipped attempt's recipe; the shipped "
         "model's two commands are in veridical/builtin/synthcoco-llava/README.md)")
     for f in dataclasses.fields(TrainConfig):
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
-                           default=None, help=f"{f.metadata.get('help', '')} (default: {f.default})")
+        kind = ({"action": argparse.BooleanOptionalAction} if isinstance(f.default, bool)
+                else {"type": type(f.default)})
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, **kind,
+                           help=f"{f.metadata.get('help', '')} (default: {f.default})")
     p.set_defaults(func=cmd_world_train)
     return p

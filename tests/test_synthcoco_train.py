@@ -91,6 +91,28 @@ def test_training_examples_tokenise_exactly_as_the_processor(world):
     assert encoder.encode(turns)[0] == ref["input_ids"][0].tolist()
 
 
+def test_early_steps_use_the_early_caption_share(world):
+    cfg = dataclasses.replace(TINY, caption_share=1.0, early_steps=3, early_caption_share=0.0)
+    assert [cfg.caption_share_at(s) for s in range(5)] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    split, w = load_split(world, "train"), build_world(QUICK)
+    rng = np.random.default_rng(0)
+    early = [draw_example(split, w, cfg, rng, step=2)[1][0][0] for _ in range(20)]
+    late = [draw_example(split, w, cfg, rng, step=3)[1][0][0] for _ in range(20)]
+    assert CAPTION_PROMPT not in early and set(late) == {CAPTION_PROMPT}
+    with pytest.raises(ValueError, match="early_caption_share"):
+        TrainConfig(early_caption_share=1.5)
+    with pytest.raises(ValueError, match="early_steps"):
+        TrainConfig(early_steps=-1)
+    # two learning-rate cycles: warm-up + cosine over steps 0..3, then again over 4..9
+    two = TrainConfig(steps=10, warmup=2, early_steps=4, early_restart=True)
+    one = TrainConfig(steps=10, warmup=2)
+    assert [round(two.lr_scale(s), 4) for s in range(10)] == [
+        0.5, 1.0, 1.0, 0.5, 0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464]
+    assert [round(one.lr_scale(s), 4) for s in range(4)] == [0.5, 1.0, 1.0, 0.9619]
+    with pytest.raises(ValueError, match="early_restart needs"):
+        TrainConfig(steps=10, early_steps=10, early_restart=True)
+
+
 def test_answer_loss_only_and_batches_depend_only_on_seed_and_step(world):
     _, processor = build_model(build_world(QUICK), TINY)
     split = load_split(world, "train")
@@ -189,6 +211,9 @@ def test_world_train_cli_is_registered():
 
     args = build_parser().parse_args(["world", "train", "--out", "x", "--steps", "7", "--tower-lr", "0"])
     assert args.steps == 7 and args.tower_lr == 0.0 and args.func.__name__ == "cmd_world_train"
+    assert args.early_restart is None  # not given: TrainConfig's default applies
+    flags = build_parser().parse_args(["world", "train", "--out", "x", "--early-restart"])
+    assert flags.early_restart is True
 
 
 # ---------------------------------------------------------------------------- shipped model
