@@ -338,8 +338,7 @@ def test_var_skips_sink_flags_only_where_no_image_sink_can_act():
     def plan(image_keys, past, n_layers=3):
         return SimpleNamespace(fresh={"var_sink": torch.zeros(2, 1, n_layers, dtype=torch.bool)},
                                key_state={} if past is None else {"var_sink": past},
-                               image_keys=image_keys, memo={},
-                               remember=lambda k, make: make())
+                               image_keys=image_keys, remember=lambda k, make: make())
 
     image = torch.tensor([[False, True, True, False, False], [True, True, False, False, False]])
     past = torch.zeros(2, 4, 3, dtype=torch.bool)

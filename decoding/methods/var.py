@@ -16,8 +16,9 @@ weights of the SINK keys (text sinks and image sinks; other text keys are left a
 methods.md's "text and sink weights" wording leaves ambiguous) are multiplied by ``p`` and the
 removed mass ``(1 - p) * (their sum)`` goes to the non-sink image keys in proportion to their
 weights. A layer where no row has an image sink is left untouched at once (the rule changes
-nothing there), so that case costs only the sink detection. The reference's code uses ``rho`` and ``p`` as 1 minus the paper's (the author
-confirmed); the defaults here are the code's. ``p = 1`` is the baseline.
+nothing there; at decode steps :func:`may_have_image_sinks` tells). The reference's code uses
+``rho`` and ``p`` as 1 minus the paper's (the author confirmed); the defaults here are the
+code's. ``p = 1`` is the baseline.
 """
 
 from __future__ import annotations
@@ -83,13 +84,11 @@ class VAREdit(AttentionEdit):
                                  rho=self.rho, summ=self.summ, scale_text=False)}
 
     def edit_probs(self, layer, probs, plan):
-        if not may_have_image_sinks(plan)[layer]:
+        if not may_have_image_sinks(plan)[layer]:  # no image sink in this layer: nothing to do
             return probs
         image = plan.keys().to(probs.device)
         sink = plan.key_flags("var_sink", layer).to(probs.device)
         sink = sink if plan.all_rows else sink[plan.index]
-        if not bool((image & sink).any()):  # no row has an image sink here: nothing changes
-            return probs
         queries = torch.ones(len(probs), 1, dtype=torch.bool, device=probs.device)
         return var_reweight(probs, image, sink, queries, self.p, self.rho, self.summ)[0]
 
