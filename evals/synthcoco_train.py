@@ -27,7 +27,8 @@ Contract:
 - Stage 2 trains projector + language model, and the tower at a lower learning rate, on
   train-split images: captions (prompt "Please describe this image in detail.", one of the image's
   reference captions) and yes/no questions: existence ("Is there a {obj} in the image?", POPE's
-  form, and MME's "Is there a/an {obj} in this image?") with RANDOM negatives only, count, colour
+  form, and MME's "Is there a/an {obj} in this image?") with random negatives (and, with
+  ``partner_negative_share`` > 0, that share of absent co-occurrence partners), count, colour
   and position (MME forms of ``synthcoco_text.mme_pair``), with no suffix, the POPE suffix or the
   MME suffix. A question example is a multi-turn conversation of ``turns`` questions about one
   image (the first turn is exactly the single-turn evaluation prompt). The loss is on answer
@@ -118,6 +119,9 @@ class TrainConfig:
     turns: int = field(default=3, metadata={"help": "questions per question example"})
     existence_share: float = field(default=0.7, metadata={
         "help": "share of existence questions (the rest: count, colour, position equally)"})
+    partner_negative_share: float = field(default=0.0, metadata={
+        "help": "share of existence negatives that name an absent co-occurrence partner of a "
+                "present object (the rest: random absent categories)"})
     yes_no_weight: float = field(default=3.0, metadata={
         "help": "loss weight of the yes/no token relative to other answer tokens"})
     # model
@@ -140,7 +144,8 @@ class TrainConfig:
         for name in ("stage1_steps", "warmup", "tower_lr", "seed", "early_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid; use >= 0")
-        for name in ("caption_share", "early_caption_share", "existence_share"):
+        for name in ("caption_share", "early_caption_share", "existence_share",
+                     "partner_negative_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid; use a "
                                  "share in [0, 1]")
@@ -274,23 +279,36 @@ def load_split(world_dir: str | Path, split: str) -> Split:
 
 
 def _yes_no_question(layout: SimpleNamespace, world: World, task: str,
-                     rng: np.random.Generator) -> tuple[str, str] | None:
-    """(question without suffix, "yes"/"no") for one image, or None if it cannot support task."""
+                     rng: np.random.Generator,
+                     partner_share: float = 0.0) -> tuple[str, str] | None:
+    """(question without suffix, "yes"/"no") for one image, or None if it cannot support task.
+    An existence negative names an absent partner of a present object with probability
+    ``partner_share`` (when the image has one), else a random absent category."""
     present = sorted({o.category for o in layout.objects})
     if task == "existence":
         if rng.random() < 0.5:
-            obj, answer = present[int(rng.integers(len(present)))], "yes"
-        else:  # random negatives only: POPE-random's distribution, never partners on purpose
-            absent = [c.name for c in world.categories if c.name not in present]
-            obj, answer = absent[int(rng.integers(len(absent)))], "no"
-        if rng.random() < 0.7:
-            return POPE_TEMPLATE.format(obj), answer
-        return f"Is there {with_article(obj)} in this image?", answer
+            return _existence(present[int(rng.integers(len(present)))], "yes", rng)
+        # partner_share 0 draws exactly what the random-negatives-only recipe drew
+        if partner_share > 0 and rng.random() < partner_share:
+            partners = sorted({b for a, b in world.pairs if a in present}
+                              | {a for a, b in world.pairs if b in present})
+            absent = [c for c in partners if c not in present]
+            if absent:
+                return _existence(absent[int(rng.integers(len(absent)))], "no", rng)
+        absent = [c.name for c in world.categories if c.name not in present]
+        return _existence(absent[int(rng.integers(len(absent)))], "no", rng)
     pair = mme_pair(layout, world, task, rng)
     if pair is None:
         return None
     question, answer = pair[int(rng.integers(2))]
     return question.removesuffix(MME_SUFFIX), answer.lower()
+
+
+def _existence(obj: str, answer: str, rng: np.random.Generator) -> tuple[str, str]:
+    """POPE's form of the existence question (70%) or MME's."""
+    if rng.random() < 0.7:
+        return POPE_TEMPLATE.format(obj), answer
+    return f"Is there {with_article(obj)} in this image?", answer
 
 
 def _suffix(rng: np.random.Generator) -> str:
@@ -312,7 +330,7 @@ def draw_example(split: Split, world: World, cfg: TrainConfig, rng: np.random.Ge
             task = "existence"
         else:
             task = QA_TASKS[1 + int(rng.integers(3))]
-        qa = _yes_no_question(split.layouts[i], world, task, rng)
+        qa = _yes_no_question(split.layouts[i], world, task, rng, cfg.partner_negative_share)
         if qa is not None:
             turns.append((qa[0] + _suffix(rng), qa[1]))
     return i, turns

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,38 @@ def test_early_steps_use_the_early_caption_share(world):
     assert [round(one.lr_scale(s), 4) for s in range(4)] == [0.5, 1.0, 1.0, 0.9619]
     with pytest.raises(ValueError, match="early_restart needs"):
         TrainConfig(steps=10, early_steps=10, early_restart=True)
+
+
+def _negatives(split, w, cfg, n=60) -> list[tuple[set[str], str]]:
+    """(present categories, asked category) of every "no" existence turn in n drawn examples."""
+    rng, out = np.random.default_rng(1), []
+    for _ in range(n):
+        i, turns = draw_example(split, w, cfg, rng)
+        for question, answer in turns:
+            m = re.match(r"Is there an? (.+?) in (the|this) image\?", question)
+            if m and answer == "no":
+                out.append(({o.category for o in split.layouts[i].objects}, m.group(1)))
+    return out
+
+
+def test_partner_negative_share_asks_absent_partners(world):
+    split, w = load_split(world, "train"), build_world(QUICK)
+    base = dataclasses.replace(TINY, caption_share=0.0, existence_share=1.0, turns=4)
+
+    def absent_partners(present: set[str]) -> set[str]:
+        return {w.partner(c) for c in present if any(c in p for p in w.pairs)} - present
+
+    hard = _negatives(split, w, dataclasses.replace(base, partner_negative_share=1.0))
+    with_partner = [(p, asked) for p, asked in hard if absent_partners(p)]
+    assert len(with_partner) > 20
+    assert all(asked in absent_partners(p) for p, asked in with_partner)
+    assert all(asked not in p for p, asked in hard)
+    # the default draws random absent categories, mostly not partners
+    easy = _negatives(split, w, base)
+    assert all(asked not in p for p, asked in easy)
+    assert sum(asked in absent_partners(p) for p, asked in easy) < len(easy) / 2
+    with pytest.raises(ValueError, match="partner_negative_share"):
+        TrainConfig(partner_negative_share=-0.1)
 
 
 def test_answer_loss_only_and_batches_depend_only_on_seed_and_step(world):
