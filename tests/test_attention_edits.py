@@ -351,20 +351,20 @@ def test_var_skips_sink_flags_only_where_no_image_sink_can_act():
 
 def test_var_skipping_sink_flags_changes_nothing(monkeypatch):
     # The built-in model (4 layers, 3 edited) with a sink rule under which, at decode, the cache
-    # holds image sinks in layers 0-1 but not in layer 2: layer 2's new flags are skipped.
+    # holds image sinks in some edited layers but not in others: those layers' flags are skipped.
     import veridical
     import veridical.decoding.methods.var as var
     from veridical.bench import PROMPTS, bench_images
 
     engine = veridical.load("builtin:synthcoco-llava")
     images, prompts = bench_images(2), PROMPTS[:2]
-    args = {"sink_dims": "87", "tau": 12.0}
+    args = {"sink_dims": "45", "tau": 20.0}
     kw = dict(method="var", max_new_tokens=8, logprobs=3)
     seen, real = [], var.may_have_image_sinks
     monkeypatch.setattr(var, "may_have_image_sinks", lambda plan: seen.append(real(plan))
                         or seen[-1])
     skipping = engine.generate(images, prompts, method_args=args, **kw)
-    assert [True, True, False, False] in seen  # a decode step skips layer 2, not layers 0-1
+    assert any(0 < sum(s[:3]) < 3 for s in seen)  # a decode step skips some edited layers
     monkeypatch.setattr(var, "may_have_image_sinks",
                         lambda plan: [True] * plan.fresh["var_sink"].shape[-1])
     every_flag = engine.generate(images, prompts, method_args=args, **kw)
