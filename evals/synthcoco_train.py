@@ -137,7 +137,7 @@ class TrainConfig:
     threads: int = field(default=1, metadata={"help": "torch threads"})
     bf16: bool = field(default=False, metadata={
         "help": "run the training forwards under bfloat16 autocast (weights, optimiser and loss "
-                "stay fp32); about 1.9x faster per step on CPUs with AVX512-BF16"})
+                "stay fp32); 1.5-1.8x faster per step on CPUs with AVX512-BF16"})
 
     def __post_init__(self) -> None:
         for name in ("stage1_batch", "steps", "batch", "turns", "vision_layers", "text_layers",
