@@ -293,9 +293,7 @@ def _yes_no_question(layout: SimpleNamespace, world: World, task: str,
             return _existence(present[int(rng.integers(len(present)))], "yes", rng)
         # partner_share 0 draws exactly what the random-negatives-only recipe drew
         if partner_share > 0 and rng.random() < partner_share:
-            partners = sorted({b for a, b in world.pairs if a in present}
-                              | {a for a, b in world.pairs if b in present})
-            absent = [c for c in partners if c not in present]
+            absent = absent_partners(present, world)
             if absent:
                 return _existence(absent[int(rng.integers(len(absent)))], "no", rng)
         absent = [c.name for c in world.categories if c.name not in present]
@@ -305,6 +303,11 @@ def _yes_no_question(layout: SimpleNamespace, world: World, task: str,
         return None
     question, answer = pair[int(rng.integers(2))]
     return question.removesuffix(MME_SUFFIX), answer.lower()
+
+
+def absent_partners(present: list[str], world: World) -> list[str]:
+    """The co-occurrence partners of the present categories that are absent, sorted."""
+    return sorted({world.partner(c) for c in present} - set(present))
 
 
 def _existence(obj: str, answer: str, rng: np.random.Generator) -> tuple[str, str]:
@@ -453,12 +456,12 @@ def validate(model, processor, encoder: Encoder, val: Split, world: World, mean,
         for _ in range(n_questions):
             i = int(rng.integers(len(val.ids)))
             present = sorted({o.category for o in val.layouts[i].objects})
-            absent_partners = sorted({world.partner(c) for c in present} - set(present))
+            partners = absent_partners(present, world)
             kind = ("pos", "random", "partner")[int(rng.integers(3))]
             if kind == "pos":
                 obj = present[int(rng.integers(len(present)))]
-            elif kind == "partner" and absent_partners:
-                obj = absent_partners[int(rng.integers(len(absent_partners)))]
+            elif kind == "partner" and partners:
+                obj = partners[int(rng.integers(len(partners)))]
             else:
                 kind = "random"
                 absent = [c.name for c in world.categories if c.name not in present]
