@@ -15,6 +15,21 @@ OPERA only know their tokens at the end): ``run(..., on_token=f)`` calls
 that request at once (finish reason ``"cancelled"``). ``DecodingConfig(logprobs=k)`` records,
 per chosen token, its log-probability and the ``k`` most likely tokens' under the scores the
 token was chosen from (the method's adjusted scores, before temperature and top-p).
+``run(..., on_done=g)`` calls ``g(request, result)`` with a request's final
+:class:`GenerationResult` as soon as it is known: when its row finishes (greedy and sampling),
+while the rest of the batch decodes on, or at the end (beam search and search methods). A server
+answers short requests without waiting for the longest one in their batch.
+
+Joining a running batch (continuous batching; greedy decoding and sampling): ``run(...,
+admit=h)`` calls ``h(n_live)`` before each decode step; it returns new ``(Request, seed)`` pairs
+(or nothing) that join the batch at once: their rows are prefilled in one forward of their own,
+left-padded to the batch's length (or the batch to theirs) and merged, and from then on they share
+every step. Their indices continue after the requests given (``on_token`` / ``on_done`` use them,
+and the results list holds them in that order). A joined request gives the tokens it gives alone:
+its rows, masks, positions and per-row state are its own, and a method's per-step rule sees the
+request's own step. Beam search, search methods, caches other than transformers' plain
+``DynamicCache``, and methods that both install hooks and prepare per-request state with forwards
+of their own take no newcomers (``h`` is not called).
 
 Row layout: a *slot* is one sequence being decoded (a request, or one beam of a request). With
 ``S`` live slots and ``nb`` branches (the real input first), cache row ``b * S + s`` holds branch
@@ -31,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from veridical.errors import InputError
 from veridical.images import load_image
@@ -70,6 +86,10 @@ class TokenLogprob:
 
 # (request index, token id, its TokenLogprob or None) -> go on
 TokenCallback = Callable[[int, int, "TokenLogprob | None"], bool]
+# (request index, its final result)
+DoneCallback = Callable[[int, GenerationResult], None]
+# (live requests) -> new (request, seed) pairs that join the running batch
+AdmitCallback = Callable[[int], "Sequence[tuple[Request, int | None]]"]
 
 
 @dataclass(frozen=True)
@@ -269,6 +289,49 @@ class _Rows:
         self.mask[row, keep:] = 0
         self.positions[..., row, :] = self.prompt_end[..., row, :] + n_response
 
+    # Joining a running batch ------------------------------------------------------------------
+    def can_extend(self) -> bool:
+        """Whether :meth:`extend` can merge into this cache (plain ``DynamicCache`` layers)."""
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    @torch.inference_mode()
+    def extend(self, other: _Rows, logits: torch.Tensor, other_logits: torch.Tensor
+               ) -> torch.Tensor:
+        """Take in ``other``'s slots after this state's. Both hold rows waiting for their next
+        token (``logits`` (R, V), ``other_logits``) under the same method and branches. The
+        shorter side is left-padded with masked keys; rows stay branch-major. Returns the
+        logits of every row in the new order."""
+        n_branches = len(self.info.names)
+        mine, theirs = self.mask.shape[0] // n_branches, other.mask.shape[0] // n_branches
+        length = max(self.mask.shape[1], other.mask.shape[1])
+
+        def rows(a: torch.Tensor, b: torch.Tensor, dim: int = 0) -> torch.Tensor:
+            blocks = zip(a.split(mine, dim), b.split(theirs, dim))
+            return torch.cat([t for pair in blocks for t in pair], dim)
+
+        def pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(x.shape)
+            shape[dim] = length - x.shape[dim]
+            return torch.cat([x.new_zeros(shape), x], dim) if shape[dim] else x
+
+        def keys(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+            return rows(pad(a, dim), pad(b, dim))
+
+        for layer, new in zip(self.cache.layers, other.cache.layers):
+            layer.keys = keys(layer.keys, new.keys, 2)
+            layer.values = keys(layer.values, new.values, 2)
+        self.mask = keys(self.mask, other.mask, 1)
+        if self.image_keys is not None:
+            self.image_keys = keys(self.image_keys, other.image_keys, 1)
+        self.key_state = {k: keys(v, other.key_state[k], 1) for k, v in self.key_state.items()}
+        self.row_data = {k: rows(v, other.row_data[k]) for k, v in self.row_data.items()}
+        self.positions = rows(self.positions, other.positions, -2)
+        self.prompt_end = rows(self.prompt_end, other.prompt_end, -2)
+        self.info.n_slots = mine + theirs
+        self._main = None
+        return rows(logits, other_logits)
+
 
 def _prefill_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # The model's own rule (multimodal rope for Qwen), exactly as generate() computes it.
@@ -385,35 +448,68 @@ class Engine:
         config: DecodingConfig,
         seeds: list[int | None],
         on_token: TokenCallback | None = None,
+        on_done: DoneCallback | None = None,
+        admit: AdmitCallback | None = None,
     ) -> list[GenerationResult]:
-        """Decode validated requests with a built method; ``on_token``: see the module
-        docstring."""
+        """Decode validated requests with a built method; ``on_token``, ``on_done`` and
+        ``admit``: see the module docstring."""
         custom = method.search()
         if config.logprobs is not None and custom is not None:
             raise InputError(f"logprobs are not available with {method.name!r}: its search "
                              "chooses whole sequences; leave logprobs unset")
+        requests, seeds = list(requests), list(seeds)
         branches = method.branches()
-        rows = [self._encode(r) for r in requests] + self.branch_rows(requests, branches, seeds)
-        prompt_tokens = [int(r["attention_mask"].sum()) for r in rows[: len(requests)]]
-        image_id = self.adapter.image_token_id(self.model.config)
-        image_tokens = [
-            int((r["input_ids"] == image_id).sum()) if image_id is not None else 0
-            for r in rows[: len(requests)]
-        ]
-        batch = self.collate(rows)
         info = RowInfo(["main"] + [b.name for b in branches], n_slots=len(requests))
         edits = method.attention_edits(self)
-        n_rows = len(branches) + 1
-        row_data = {k: v.repeat(n_rows, *([1] * (v.dim() - 1)))  # every branch block
-                    for k, v in method.prepare(self, requests).items()}
-        state = _Rows(self.model, batch, self._cache_kw, info, image_id, edits, row_data,
-                      self.attention_impl)
+        image_id = self.adapter.image_token_id(self.model.config)
+        prompt_tokens: list[int] = []
+        image_tokens: list[int] = []
+
+        def start(new: list[Request], new_seeds: list[int | None]) -> _Rows:
+            """The rows of ``new`` (and of their branches), collated, ready to prefill."""
+            rows = [self._encode(r) for r in new] + self.branch_rows(new, branches, new_seeds)
+            prompt_tokens.extend(int(r["attention_mask"].sum()) for r in rows[: len(new)])
+            image_tokens.extend(int((r["input_ids"] == image_id).sum()) if image_id is not None
+                                else 0 for r in rows[: len(new)])
+            row_data = {k: v.repeat(len(branches) + 1, *([1] * (v.dim() - 1)))  # every block
+                        for k, v in method.prepare(self, new).items()}
+            info.n_slots = len(new)  # the hooks see the rows being prefilled
+            return _Rows(self.model, self.collate(rows), self._cache_kw, info, image_id, edits,
+                         row_data, self.attention_impl)
+
+        state = start(requests, seeds)
         search = custom or (_beam_search if config.num_beams > 1 else _sample_or_greedy)
+        results: list[GenerationResult | None] = [None] * len(requests)
+
+        def join(n_live: int) -> tuple[_Rows, list[int | None]] | None:
+            new = list(admit(n_live)) if admit is not None else []
+            if not new:
+                return None
+            new_requests, new_seeds = [r for r, _ in new], [sd for _, sd in new]
+            requests.extend(new_requests)
+            seeds.extend(new_seeds)
+            results.extend([None] * len(new))
+            return start(new_requests, new_seeds), new_seeds
+
+        def finish(request: int, output: tuple) -> None:
+            ids, reason, *logprobs = output
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if config.stop:
+                text, reason = _cut_at_stop(text, config.stop, reason)
+            results[request] = GenerationResult(
+                text.strip(), ids, reason, prompt_tokens[request], len(ids),
+                image_tokens[request], logprobs[0] if logprobs else None)
+            if on_done is not None:
+                on_done(request, results[request])
+
         handles = method.install(self, info)
         previous = use_edits(self.model, self.adapter.multimodal) if edits else None
+        # a newcomer's own forwards (prepare) would run under another request's hooks
+        joinable = admit is not None and not (handles and _prepares(method))
         try:
             if search is _sample_or_greedy:
-                outputs = search(self, state, method, len(branches) + 1, config, seeds, on_token)
+                outputs = search(self, state, method, len(branches) + 1, config, seeds, on_token,
+                                 finish, join if joinable else None)
             else:
                 outputs = search(self, state, method, len(branches) + 1, config, seeds)
                 if on_token is not None:  # these searches know their tokens only now
@@ -425,14 +521,9 @@ class Engine:
                 handle.remove()
             if previous is not None:
                 restore(self.model, previous)
-        results = []
-        for (ids, reason, *logprobs), n_prompt, n_image in zip(outputs, prompt_tokens,
-                                                               image_tokens):
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if config.stop:
-                text, reason = _cut_at_stop(text, config.stop, reason)
-            results.append(GenerationResult(text.strip(), ids, reason, n_prompt, len(ids),
-                                            n_image, logprobs[0] if logprobs else None))
+        for request, output in enumerate(outputs):
+            if results[request] is None:
+                finish(request, output)
         return results
 
     def branch_rows(self, requests: list[Request], branches: list, seeds: list[int | None]
@@ -513,18 +604,42 @@ def _token_logprobs(scores: torch.Tensor, chosen: torch.Tensor, k: int) -> list[
 
 def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: int,
                       config: DecodingConfig, seeds: list[int | None],
-                      on_token: TokenCallback | None = None) -> list[tuple]:
-    n = len(seeds)
-    generators = [
-        torch.Generator().manual_seed(s if s is not None else secrets.randbits(63)) for s in seeds
-    ]
-    tokens_of: list[list[int]] = [[] for _ in range(n)]
-    logprobs_of: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    reasons: list[str] = ["length"] * n
-    live = list(range(n))  # request of each slot
+                      on_token: TokenCallback | None = None,
+                      on_finish: Callable[[int, tuple], None] | None = None,
+                      join: Callable[[int], tuple[_Rows, list[int | None]] | None] | None = None,
+                      ) -> list[tuple]:
+    """Greedy decoding or sampling; ``on_finish(request, output)`` as each request ends
+    (``output`` as in the returned list: ``(ids, reason)``, plus the logprobs when asked);
+    ``join(n_live)``: newcomers' unprefilled rows and seeds, or None (module docstring)."""
+    generators: list[torch.Generator] = []
+    tokens_of: list[list[int]] = []
+    logprobs_of: list[list[TokenLogprob]] = []
+    reasons: list[str] = []
+
+    def add(new_seeds: list[int | None]) -> list[int]:
+        """Book-keeping for new requests; their indices."""
+        first = len(tokens_of)
+        for seed in new_seeds:
+            generators.append(torch.Generator().manual_seed(
+                seed if seed is not None else secrets.randbits(63)))
+            tokens_of.append([])
+            logprobs_of.append([])
+            reasons.append("length")
+        return list(range(first, len(tokens_of)))
+
+    live = add(seeds)  # request of each slot
+    steps = [0] * len(live)  # each slot's decode step (newcomers start at 0)
     logits = state.prefill()
-    for step in range(config.max_new_tokens):
-        scores = engine._scores(method, logits, len(live), state.info.names, step)
+    joinable = join is not None and state.can_extend()
+    while True:
+        joined = join(len(live)) if joinable else None
+        if joined is not None:
+            new_state, new_seeds = joined
+            new_logits = new_state.prefill()
+            logits = state.extend(new_state, logits, new_logits)
+            ids = add(new_seeds)
+            live, steps = live + ids, steps + [0] * len(ids)
+        scores = _slot_scores(engine, method, logits, steps, state.info.names)
         if config.do_sample:
             warped = warp(scores, config.temperature, config.top_k, config.top_p)
             chosen = sample(warped, [generators[r] for r in live])
@@ -543,19 +658,51 @@ def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: 
                 reason = reason or "cancelled"
             if reason is None:
                 keep.append(slot)
-            else:
-                reasons[request] = reason
+                continue
+            reasons[request] = reason
+            if on_finish is not None:
+                on_finish(request, _output(tokens_of[request], reason, logprobs_of[request],
+                                           config))
         if not keep:
             break
         if len(keep) < len(live):
             index = torch.tensor(keep, device=chosen.device)
             state.select(_row_index(index, len(live), n_branches))
             chosen = chosen[index]
-            live = [live[s] for s in keep]
+            live, steps = [live[s] for s in keep], [steps[s] for s in keep]
         logits = state.step(chosen.repeat(n_branches))
-    if config.logprobs is None:
-        return list(zip(tokens_of, reasons))
-    return list(zip(tokens_of, reasons, logprobs_of))
+        steps = [step + 1 for step in steps]
+    return [_output(t, r, lp, config) for t, r, lp in zip(tokens_of, reasons, logprobs_of)]
+
+
+def _slot_scores(engine: Engine, method: Method, logits: torch.Tensor, steps: list[int],
+                 names: list[str]) -> torch.Tensor:
+    """Scores (S, V) of every slot; slots at different decode steps (requests that joined a
+    running batch) are scored per step, so a method's per-step rule sees each one's own."""
+    if len(set(steps)) == 1:
+        return engine._scores(method, logits, len(steps), names, steps[0])
+    scores = None
+    for step in sorted(set(steps)):
+        slots = torch.tensor([s for s, t in enumerate(steps) if t == step], device=logits.device)
+        rows = _row_index(slots, len(steps), len(names))
+        part = engine._scores(method, logits[rows], len(slots), names, step)
+        if scores is None:
+            scores = part.new_empty(len(steps), part.shape[-1])
+        scores[slots] = part
+    return scores
+
+
+def _prepares(method: Method) -> bool:
+    """Whether ``method`` (or a part of it) overrides ``Method.prepare``."""
+    parts = getattr(method, "parts", None)  # a composite's
+    if parts:
+        return any(_prepares(part) for part in parts)
+    return type(method).prepare is not Method.prepare
+
+
+def _output(ids: list[int], reason: str, logprobs: list[TokenLogprob],
+            config: DecodingConfig) -> tuple:
+    return (ids, reason) if config.logprobs is None else (ids, reason, logprobs)
 
 
 @dataclass

@@ -231,3 +231,91 @@ def test_on_token_streams_each_token_and_can_cancel_one_request(images, prompts)
     beams = engine.run(requests, method, DecodingConfig(max_new_tokens=5, num_beams=2),
                        [None] * 4, on_token=record)
     assert [seen[r] for r in range(4)] == [b.token_ids for b in beams]
+
+
+# Continuous batching: requests joining a running batch (``admit``), answers as rows finish ----
+JOIN_METHODS = [("none", None), ("vcd", None), ("m3id", None), ("vhr", None),
+                ("var", {"sink_dims": "3,7", "tau": 10.0, "summ": 0.01})]
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
+@pytest.mark.parametrize("method,args", JOIN_METHODS)
+def test_requests_joining_a_running_batch_give_their_tokens_alone(arch, method, args, images,
+                                                                  prompts):
+    # vcd: a branch per request; m3id: a rule that depends on the request's own step; vhr:
+    # per-request state from its own forwards; var: per-key state written by hooks
+    engine = tiny_engine(arch)
+    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
+    config = DecodingConfig(max_new_tokens=8)
+    alone = [engine.run([r], resolve(method, args), config, [None])[0] for r in requests]
+    waiting = [(r, None) for r in requests[1:]]
+    live: list[int] = []
+
+    def admit(n_live: int) -> list:
+        live.append(n_live)
+        take = {1: 1, 3: 2, 6: 1}.get(len(live), 0)  # before steps 0, 2 and 5 of request 0
+        new = waiting[:take]
+        del waiting[:take]
+        return new
+
+    done: dict[int, object] = {}
+    results = engine.run(requests[:1], resolve(method, args), config, [None],
+                         on_done=lambda i, r: done.setdefault(i, r), admit=admit)
+    assert not waiting and live[:6] == [1, 2, 2, 4, 4, 4]
+    assert [r.token_ids for r in results] == [a.token_ids for a in alone]
+    assert [r.prompt_tokens for r in results] == [a.prompt_tokens for a in alone]
+    assert done == dict(enumerate(results))  # each answered once, with its result
+
+
+def test_sampled_requests_joining_a_running_batch_draw_from_their_own_seeds(images, prompts):
+    engine = tiny_engine("qwen2-vl")
+    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
+    config = DecodingConfig(max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.9)
+    seeds = [11, 12, 13, 14]
+    alone = [engine.run([r], resolve("vcd"), config, [s])[0] for r, s in zip(requests, seeds)]
+    waiting = list(zip(requests[2:], seeds[2:]))
+    joined = engine.run(requests[:2], resolve("vcd"), config, seeds[:2],
+                        admit=lambda n: [waiting.pop(0)] if waiting and n < 4 else [])
+    assert [r.token_ids for r in joined] == [a.token_ids for a in alone]
+
+
+def test_on_done_answers_each_request_when_its_row_finishes(images, prompts):
+    engine = tiny_engine("qwen2-vl")
+    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
+    free = [engine.generate(i, p, max_new_tokens=12).token_ids for i, p in zip(images, prompts)]
+    events: list[tuple[str, int]] = []
+    saved = engine.eos_ids
+    try:
+        engine.eos_ids = [free[0][2]]  # request 0 ends after 3 tokens
+        results = engine.run(requests, resolve("none"), DecodingConfig(max_new_tokens=12),
+                             [None] * 4,
+                             on_token=lambda r, t, lp: events.append(("token", r)) or True,
+                             on_done=lambda r, result: events.append(("done", r)))
+    finally:
+        engine.eos_ids = saved
+    assert results[0].finish_reason == "stop" and len(results[0].token_ids) == 3
+    answered = events.index(("done", 0))
+    later = events[answered + 1:]
+    assert ("token", 0) not in later and any(kind == "token" for kind, _ in later)
+    assert sorted(r for kind, r in events if kind == "done") == [0, 1, 2, 3]
+
+
+def test_beam_search_search_methods_and_hooked_preparing_methods_take_no_newcomers(images,
+                                                                                  prompts):
+    engine = tiny_engine("llava")
+    request = engine._request(images[0], prompts[0], 0)
+
+    def never(n_live: int) -> list:
+        raise AssertionError("admit was called")
+
+    engine.run([request], resolve("none"), DecodingConfig(max_new_tokens=3, num_beams=2), [None],
+               admit=never)
+    engine.run([request], resolve("opera_fast"), DecodingConfig(max_new_tokens=3), [None],
+               admit=never)
+    # var's hooks would see vhr's own forwards for a newcomer
+    engine.run([request], resolve("var+vhr", {"sink_dims": "3,7"}),
+               DecodingConfig(max_new_tokens=3), [None], admit=never)
+    asked: list[int] = []
+    engine.run([request], resolve("var", {"sink_dims": "3,7"}), DecodingConfig(max_new_tokens=3),
+               [None], admit=lambda n: asked.append(n) or [])
+    assert asked == [1, 1, 1]

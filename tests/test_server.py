@@ -20,6 +20,7 @@ import io
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -528,7 +529,8 @@ class GatedEngine:
     """The tiny engine, but ``run`` waits until ``gate`` is set (bounded) and records batches;
     a prompt of ``"boom"`` raises an unexpected error. Each token of a request whose prompt is
     in ``paced`` waits at ``token_gate`` after the server's callback has seen it; ``tokens``
-    records (prompt, token, what the callback answered) of those."""
+    records (prompt, token, what the callback answered) of those; ``counts`` the tokens of every
+    prompt; a prompt in ``slow`` takes that many more seconds per token."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
@@ -538,30 +540,42 @@ class GatedEngine:
         self.token_gate = threading.Event()
         self.paced: set[str] = set()
         self.tokens: list[tuple[str, int, bool]] = []
+        self.counts: Counter[str] = Counter()  # tokens per prompt, paced or not
+        self.slow: dict[str, float] = {}  # seconds each token of these prompts takes longer
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    def run(self, requests, method, config, seeds, on_token=None):
-        self.batches.append([r.prompt for r in requests])
+    def run(self, requests, method, config, seeds, on_token=None, on_done=None, admit=None):
+        batch = [r.prompt for r in requests]  # with the prompts that join it while it runs
+        self.batches.append(batch)
         self.entered.set()
         if not self.gate.wait(30):
             raise RuntimeError("the test never opened the gate")
         if any(r.prompt == "boom" for r in requests):
             raise RuntimeError("boom")
-        if on_token is None or not self.paced:
-            return self._engine.run(requests, method, config, seeds, on_token=on_token)
+
+        def joining(n_live: int) -> list:
+            new = admit(n_live)
+            batch.extend(r.prompt for r, _ in new)
+            return new
+
+        more = dict(on_done=on_done, admit=joining if admit is not None else None)
+        if on_token is None:
+            return self._engine.run(requests, method, config, seeds, **more)
 
         def paced(request: int, token: int, logprob: Any) -> bool:
             go_on = on_token(request, token, logprob)
-            prompt = requests[request].prompt
+            prompt = batch[request]
+            self.counts[prompt] += 1
+            time.sleep(self.slow.get(prompt, 0.0))
             if prompt in self.paced:
                 self.tokens.append((prompt, token, go_on))
                 if not self.token_gate.wait(30):
                     raise RuntimeError("the test never opened the token gate")
             return go_on
 
-        return self._engine.run(requests, method, config, seeds, on_token=paced)
+        return self._engine.run(requests, method, config, seeds, on_token=paced, **more)
 
 
 @contextmanager
@@ -602,7 +616,8 @@ def test_queue_bound_429_and_queued_requests_batch_with_their_own_max_tokens(gat
         gated.engine.gate.set()
         responses = [f.result(timeout=60) for f in (first, second, third)]
     assert [r.status_code for r in responses] == [200, 200, 200]
-    assert [sorted(b) for b in gated.engine.batches] == [["first"], ["no image", PROMPT]]
+    # the queued two joined the running batch of "first", each with its own max_tokens
+    assert [sorted(b) for b in gated.engine.batches] == [sorted(["first", "no image", PROMPT])]
     engine = tiny_engine("llava")
     assert responses[1].json()["choices"][0]["message"]["content"] == engine.generate(
         IMAGE, PROMPT, max_new_tokens=3).text
@@ -668,7 +683,8 @@ def test_a_client_that_hangs_up_leaves_the_running_batch(gated):
         assert first.result(timeout=60).status_code == 200
         assert stays.result(timeout=60).json()["choices"][0]["message"]["content"] == \
             tiny_engine("llava").generate(IMAGE, "stays", max_new_tokens=6).text
-    assert sorted(gated.engine.batches[1]) == sorted([PROMPT, "stays"])
+    # both joined the running batch of "first"
+    assert [sorted(b) for b in gated.engine.batches] == [sorted(["first", PROMPT, "stays"])]
     gone = [go_on for prompt, _, go_on in gated.engine.tokens if prompt == PROMPT]
     assert gone[-1] is False and len(gone) < 6  # its row stopped early, the other went on
     assert len([p for p, _, _ in gated.engine.tokens if p == "stays"]) == 6
@@ -773,7 +789,7 @@ def test_batcher_groups_by_key_and_bounds_its_queue():
     calls: list[tuple[str, list[int]]] = []
     release = threading.Event()
 
-    def run(key, payloads):
+    def run(key, payloads, publish, admit):
         calls.append((key, payloads))
         release.wait(10)
         return [p * 10 if p >= 0 else ValueError("negative") for p in payloads]
@@ -796,6 +812,60 @@ def test_batcher_groups_by_key_and_bounds_its_queue():
 
     asyncio.run(scenario())
     assert calls == [("a", [0]), ("a", [1, 3]), ("b", [2]), ("a", [-1])]
+
+
+def test_batcher_answers_early_and_admits_waiting_jobs_of_its_key_into_the_running_batch():
+    started, answered = threading.Event(), threading.Event()
+    calls: list[tuple[str, list[int]]] = []
+
+    def run(key, payloads, publish, admit):
+        started.set()
+        got = list(payloads)
+        if got == [1]:
+            publish(0, 10)  # the first job is answered while its batch still runs...
+            if not answered.wait(10):  # ...and its waiter has the answer before run returns
+                raise RuntimeError("the published answer never reached its waiter")
+            got += admit(1)  # two of the waiting "a" jobs fit (3 live at most)
+            got += admit(3)  # full
+            got += admit(1)  # room again, but the oldest waiting job has key "b": none joins
+        calls.append((key, got))
+        return [p * 10 for p in got]
+
+    async def scenario() -> None:
+        batcher = Batcher(run, max_batch_size=3, max_queue_size=8, batch_wait_s=0)
+        await batcher.start()
+        first = batcher.submit("a", 1)
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        jobs = [batcher.submit(k, p) for k, p in (("a", 2), ("b", 5), ("a", 3), ("a", 4))]
+        assert await first.future == 10
+        answered.set()
+        assert [await j.future for j in jobs] == [20, 50, 30, 40]
+        assert batcher.stats.joined == 2 and batcher.stats.largest_batch == 3
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert calls == [("a", [1, 2, 3]), ("b", [5]), ("a", [4])]
+
+
+def test_a_request_joins_the_running_batch_and_is_answered_before_it_ends():
+    # a long request (tiny-random never says EOS: it runs to max_tokens) decodes; a short one
+    # sent meanwhile joins its batch and comes back while the long one still decodes
+    long_tokens = 64
+    with gated_server(max_tokens_limit=long_tokens) as gated, ThreadPoolExecutor(1) as pool:
+        gated.engine.gate.set()
+        gated.engine.slow["long"] = 0.02  # about 1.3 s in all: time for the short one to come
+        long = pool.submit(_send, gated.url, body(max_tokens=long_tokens,
+                                                  messages=user(None, "long")))
+        wait_until(lambda: gated.engine.counts["long"] >= 3)
+        short = _send(gated.url, body(max_tokens=2))
+        long_so_far = gated.engine.counts["long"]
+        assert long.result(timeout=60).json()["usage"]["completion_tokens"] == long_tokens
+        assert gated.app.state.serving.batcher.stats.joined == 1
+    assert short.status_code == 200 and long_so_far < long_tokens
+    assert gated.engine.batches == [["long", PROMPT]]  # one engine call: the short one joined
+    want = tiny_engine("llava").generate(IMAGE, PROMPT, max_new_tokens=2)
+    assert short.json()["choices"][0]["message"]["content"] == want.text
 
 
 def test_settings_from_flags_and_environment():

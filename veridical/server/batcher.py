@@ -4,10 +4,19 @@ Contract:
 - ``submit(key, payload)`` queues a job and returns it at once; ``await job.future`` gives its
   result. Jobs whose ``key`` is equal (same method, parameters and decoding mode) may share one
   call of ``run(key, payloads) -> results``; jobs with different keys never do.
-- ``run`` executes in ONE worker thread, one batch at a time, so the event loop stays free to
-  accept, validate and answer requests while the engine works. It returns one result per payload,
-  in order; an item that is an exception is raised to that job's waiter only, and an exception
-  raised by ``run`` itself fails every job of the batch.
+- ``run(key, payloads, publish)`` executes in ONE worker thread, one batch at a time, so the
+  event loop stays free to accept, validate and answer requests while the engine works. It
+  returns one result per payload, in order; an item that is an exception is raised to that
+  job's waiter only, and an exception raised by ``run`` itself fails every job of the batch
+  (but those already published). ``publish(i, result)``, callable from the worker thread, hands
+  job ``i`` its final result at once, while the rest of the batch still runs (its waiter need
+  not wait for the longest job); the result ``run`` returns for it later is then ignored.
+- Joining (continuous batching): ``admit(n_live)``, passed to ``run`` and callable from the worker
+  thread while the batch runs, moves waiting jobs with the batch's key into it, up to
+  ``max_batch_size`` live jobs, and returns their payloads; ``run`` then returns results for the
+  payloads it was given followed by the admitted ones, in that order. It admits only while the
+  oldest waiting job has the batch's key, so a batch that keeps admitting cannot starve another
+  key: once such a job waits, the batch drains and that job starts the next one.
 - Order: the oldest waiting job picks the key of the next batch, which takes up to
   ``max_batch_size`` waiting jobs with that key, oldest first.
 - Gathering: when the previous batch held more than one job (requests are arriving
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +45,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-RunFn = Callable[[Hashable, list[Any]], Sequence[Any]]
+Publish = Callable[[int, Any], None]
+Admit = Callable[[int], list[Any]]
+RunFn = Callable[[Hashable, list[Any], Publish, Admit], Sequence[Any]]
 
 
 class QueueFull(Exception):
@@ -63,7 +75,8 @@ class Stats:
     cancelled: int = 0
     rejected: int = 0
     batches: int = 0
-    largest_batch: int = 0
+    largest_batch: int = 0  # most jobs one batch ran, joined ones included
+    joined: int = 0  # jobs that joined a running batch
 
     @property
     def mean_batch_size(self) -> float:
@@ -85,7 +98,8 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.batch_wait_s = batch_wait_s
         self.stats = Stats()
-        self._pending: list[Job] = []
+        self._pending: list[Job] = []  # guarded by _lock (the worker thread admits from it)
+        self._lock = threading.Lock()
         self._running: list[Job] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -123,7 +137,8 @@ class Batcher:
             raise QueueFull(f"the request queue is full ({self.max_queue_size} waiting); "
                             "retry after a short wait")
         job = Job(key, payload, asyncio.get_running_loop().create_future())
-        self._pending.append(job)
+        with self._lock:
+            self._pending.append(job)
         self.stats.submitted += 1
         self._wake.set()
         return job
@@ -132,8 +147,9 @@ class Batcher:
         """The job's client went away: drop it if it is still waiting, else discard its result."""
         if job.future.done():
             return
-        if job in self._pending:
-            self._pending.remove(job)
+        with self._lock:
+            if job in self._pending:
+                self._pending.remove(job)
         job.future.cancel()
         self.stats.cancelled += 1
 
@@ -165,22 +181,25 @@ class Batcher:
             self._running = batch
             self._last_batch = len(batch)
             self.stats.batches += 1
-            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+
+            def publish(i: int, result: Any, batch: list[Job] = batch) -> None:
+                loop.call_soon_threadsafe(_settle, batch[i].future, result)
+
+            def admit(n_live: int, batch: list[Job] = batch) -> list[Any]:
+                return [job.payload for job in self._admit(batch, n_live)]
+
             try:
                 results = await loop.run_in_executor(
-                    self._executor, self._call, batch[0].key, [j.payload for j in batch])
+                    self._executor, self._call, batch[0].key, [j.payload for j in batch], publish,
+                    admit)
             finally:
                 self._running = []
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
             for job, result in zip(batch, results):
                 failed = isinstance(result, BaseException)
                 self.stats.failed += failed
                 self.stats.completed += not failed
-                if job.future.done():  # cancelled while running: nobody waits for it
-                    continue
-                if failed:
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+                _settle(job.future, result)  # unless published or cancelled already
 
     async def _gather(self) -> None:
         """Wait (bounded) for the jobs a concurrent load is about to send (module docstring)."""
@@ -202,23 +221,58 @@ class Batcher:
 
     def _take(self) -> list[Job]:
         """Up to max_batch_size waiting jobs with the oldest job's key, oldest first."""
-        if not self._pending:
-            return []
-        key = self._pending[0].key
-        batch = [j for j in self._pending if j.key == key][: self.max_batch_size]
-        taken = set(map(id, batch))
-        self._pending = [j for j in self._pending if id(j) not in taken]
-        for job in batch:
-            job.running = True
-        return batch
+        with self._lock:
+            if not self._pending:
+                return []
+            return self._move(self._pending[0].key, self.max_batch_size)
 
-    def _call(self, key: Hashable, payloads: list[Any]) -> list[Any]:
+    def _admit(self, batch: list[Job], n_live: int) -> list[Job]:
+        """(worker thread) Waiting jobs that join the running ``batch`` (module docstring)."""
+        with self._lock:
+            room = self.max_batch_size - n_live
+            if room <= 0 or not self._pending or self._pending[0].key != batch[0].key:
+                return []
+            joined = self._move(batch[0].key, room)
+        batch.extend(joined)  # the running list is ``batch`` itself
+        self.stats.joined += len(joined)
+        return joined
+
+    def _move(self, key: Hashable, limit: int) -> list[Job]:
+        """Take up to ``limit`` waiting jobs with ``key``, oldest first (holding the lock)."""
+        jobs = [j for j in self._pending if j.key == key][:limit]
+        taken = set(map(id, jobs))
+        self._pending = [j for j in self._pending if id(j) not in taken]
+        for job in jobs:
+            job.running = True
+        return jobs
+
+    def _call(self, key: Hashable, payloads: list[Any], publish: Publish, admit: Admit
+              ) -> list[Any]:
+        given = len(payloads)
+        joined: list[Any] = []
+
+        def admit_and_count(n_live: int) -> list[Any]:
+            new = admit(n_live)
+            joined.extend(new)
+            return new
+
         try:
-            results = list(self._run(key, payloads))
+            results = list(self._run(key, payloads, publish, admit_and_count))
         except Exception as exc:  # handed to the waiters, never lost
-            logger.exception("batch of %d failed", len(payloads))
-            return [exc] * len(payloads)
-        if len(results) != len(payloads):
-            error = RuntimeError(f"run() returned {len(results)} results for {len(payloads)} jobs")
-            return [error] * len(payloads)
+            logger.exception("batch of %d failed", given + len(joined))
+            return [exc] * (given + len(joined))
+        if len(results) != given + len(joined):
+            error = RuntimeError(f"run() returned {len(results)} results for "
+                                 f"{given + len(joined)} jobs")
+            return [error] * (given + len(joined))
         return results
+
+
+def _settle(future: asyncio.Future, result: Any) -> None:
+    """Give a job its result (an exception fails it) unless it has one or was cancelled."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

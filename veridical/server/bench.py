@@ -5,8 +5,10 @@ random image as a data URL, greedy, ``max_tokens`` new tokens) is sent through a
 server on 127.0.0.1, twice: by ``clients`` concurrent clients (each sending its share one after
 the other), and sequentially by one client. The two runs alternate ``repeats`` times after a
 warm-up and each keeps its best time (as ``veridical.bench`` does), so machine noise hits both
-alike. Reported: requests/s and completion tokens/s of each, and their ratio (target >= 3x with
-8 clients). Clients and server share the process; the clients are one asyncio loop of httpx.
+alike. Reported: requests/s and completion tokens/s of each, their ratio (target >= 3x with
+8 clients), and how many requests one engine call served on average (continuous batching: the
+requests that joined a running batch count in it). Clients and server share the process; the
+clients are one asyncio loop of httpx.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     table = Table(title=f"veridical serve, {ref}, {row['requests']} requests, greedy, "
                         f"max_tokens {args.max_tokens}, method {args.method}, "
                         f"torch threads {row['torch_threads']}")
-    for col in ("clients", "requests/s", "completion tok/s", "mean batch"):
+    for col in ("clients", "requests/s", "completion tok/s", "requests per engine call"):
         table.add_column(col, justify="right")
     table.add_row("1 (sequential)", f"{row['sequential_requests_per_s']:.1f}",
                   f"{row['sequential_tokens_per_s']:.1f}", "1.0")

@@ -23,7 +23,10 @@ Results equal ``Engine.generate`` for the same image, text, method and settings:
 ``Engine.run`` through the batcher. Requests with the same :class:`BatchKey` share one engine call;
 ``max_tokens`` is not part of the key: each request leaves the batch at its own limit (the
 engine's ``on_token`` callback), which gives the tokens a separate call would (decoding is
-batch-invariant and the stop tests look only at a request's own tokens).
+batch-invariant and the stop tests look only at a request's own tokens). Continuous batching
+(greedy decoding and sampling): a request that arrives while a batch with its key runs joins it
+at the next step (the engine's ``admit``), up to ``--max-batch-size`` rows; and each request is
+answered as soon as its own row finishes (the engine's ``on_done``), not when the batch ends.
 
 Streaming sends the role chunk at once, then the text as the tokens are chosen (one
 ``chat.completion.chunk`` per token that adds text, see :class:`~.streaming.TextStream`; beam
@@ -46,7 +49,12 @@ from typing import Any
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from veridical.decoding.engine import DecodingConfig, GenerationResult, TokenLogprob
+from veridical.decoding.engine import (
+    MAX_TOP_LOGPROBS,
+    DecodingConfig,
+    GenerationResult,
+    TokenLogprob,
+)
 from veridical.decoding.method import Request
 from veridical.decoding.registry import resolve
 from veridical.errors import VeridicalError
@@ -74,6 +82,7 @@ class BatchKey:
     temperature: float
     top_p: float
     stop: tuple[str, ...]
+    logprobs: bool = False  # the jobs ask for logprobs (each its own number of alternatives)
 
 
 @dataclass
@@ -141,7 +150,7 @@ class ChatServing:
                               "whole sequences; leave logprobs unset", "logprobs")
         key = BatchKey(method, tuple(sorted(args.items())), do_sample,
                        float(temperature) if do_sample else 1.0,
-                       float(req.top_p or 1.0) if do_sample else 1.0, stops)
+                       float(req.top_p or 1.0) if do_sample else 1.0, stops, logprobs is not None)
         image = None
         if image_part is not None:
             if not getattr(self.engine.adapter, "multimodal", True):
@@ -215,14 +224,23 @@ class ChatServing:
         return method.name, dict(method.args)
 
     # Engine thread ------------------------------------------------------------------------------
-    def run_batch(self, key: BatchKey, jobs: list[EngineJob]) -> list[Any]:
-        """Run jobs sharing ``key`` in one engine call; a failing batch is retried job by job,
-        so one bad request cannot fail the others."""
-        asked = [j.logprobs for j in jobs if j.logprobs is not None]
-        config = DecodingConfig(max_new_tokens=max(j.max_tokens for j in jobs),
-                                do_sample=key.do_sample, temperature=key.temperature,
-                                top_p=key.top_p, stop=key.stop,
-                                logprobs=max(asked) if asked else None)
+    def run_batch(self, key: BatchKey, jobs: list[EngineJob],
+                  publish: Callable[[int, Any], None],
+                  admit: Callable[[int], list[EngineJob]] | None = None) -> list[Any]:
+        """Run jobs sharing ``key`` in one engine call, publishing each job's answer as soon as
+        its row finishes; waiting jobs with the same key join the running batch (greedy decoding
+        and sampling); a failing batch is retried job by job (those not answered yet), so one
+        bad request cannot fail the others."""
+        jobs = list(jobs)
+        method = resolve(key.method, dict(key.method_args))
+        joinable = admit is not None and method.search() is None
+        # Each row leaves at its own max_tokens (on_token below), so a batch that takes
+        # newcomers runs up to the server's limit; logprobs: every job of the key asked for them
+        config = DecodingConfig(
+            max_new_tokens=(self.settings.max_tokens_limit if joinable
+                            else max(j.max_tokens for j in jobs)),
+            do_sample=key.do_sample, temperature=key.temperature, top_p=key.top_p,
+            stop=key.stop, logprobs=MAX_TOP_LOGPROBS if key.logprobs else None)
         counts = [0] * len(jobs)
 
         def on_token(i: int, token: int, logprob: TokenLogprob | None) -> bool:
@@ -233,17 +251,32 @@ class ChatServing:
                 job.sent = counts[i]
             return counts[i] < job.max_tokens and not job.cancelled
 
+        answered: dict[int, GenerationResult] = {}
+
+        def on_done(i: int, result: GenerationResult) -> None:
+            answered[i] = self._fit(result, jobs[i], key.stop)
+            publish(i, answered[i])
+
+        def join(n_live: int) -> list[tuple[Request, int | None]]:
+            new = admit(n_live) if admit is not None else []
+            jobs.extend(new)
+            counts.extend([0] * len(new))
+            return [(j.request, j.seed) for j in new]
+
         try:
-            method = resolve(key.method, dict(key.method_args))
-            results = self.engine.run([j.request for j in jobs], method, config,
-                                      [j.seed for j in jobs], on_token=on_token)
+            self.engine.run([j.request for j in jobs], method, config, [j.seed for j in jobs],
+                            on_token=on_token, on_done=on_done,
+                            admit=join if joinable else None)
         except Exception as exc:
             if len(jobs) == 1:
                 return [exc]
             logger.warning("a batch of %d failed (%s); running its requests one by one",
                            len(jobs), exc)
-            return [self.run_batch(key, [job])[0] for job in jobs]
-        return [self._fit(r, j, key.stop) for r, j in zip(results, jobs)]
+            for i, job in enumerate(jobs):
+                if i not in answered:
+                    answered[i] = self.run_batch(
+                        key, [job], lambda _, result, i=i: publish(i, result))[0]
+        return [answered[i] for i in range(len(jobs))]
 
     def _fit(self, result: GenerationResult, job: EngineJob,
              stops: tuple[str, ...]) -> GenerationResult:
