@@ -21,7 +21,8 @@ while the rest of the batch decodes on, or at the end (beam search and search me
 answers short requests without waiting for the longest one in their batch.
 
 Joining a running batch (continuous batching; greedy decoding and sampling): ``run(...,
-admit=h)`` calls ``h(n_live)`` before each decode step; it returns new ``(Request, seed)`` pairs
+admit=h)`` calls ``h(n_live)`` before each decode step, and with ``n_live = 0`` once every row
+has finished (the call ends when that brings nothing); it returns new ``(Request, seed)`` pairs
 (or nothing) that join the batch at once: their rows are prefilled in one forward of their own,
 left-padded to the batch's length (or the batch to theirs) and merged, and from then on they share
 every step. Their indices continue after the requests given (``on_token`` / ``on_done`` use them,
@@ -636,9 +637,14 @@ def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: 
         if joined is not None:
             new_state, new_seeds = joined
             new_logits = new_state.prefill()
-            logits = state.extend(new_state, logits, new_logits)
             ids = add(new_seeds)
+            if live:
+                logits = state.extend(new_state, logits, new_logits)
+            else:  # the batch had drained: the newcomers go on alone
+                state, logits = new_state, new_logits
             live, steps = live + ids, steps + [0] * len(ids)
+        if not live:
+            break
         scores = _slot_scores(engine, method, logits, steps, state.info.names)
         if config.do_sample:
             warped = warp(scores, config.temperature, config.top_k, config.top_p)
@@ -663,8 +669,9 @@ def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: 
             if on_finish is not None:
                 on_finish(request, _output(tokens_of[request], reason, logprobs_of[request],
                                            config))
-        if not keep:
-            break
+        if not keep:  # every row finished: newcomers (if any) start afresh
+            live, steps = [], []
+            continue
         if len(keep) < len(live):
             index = torch.tensor(keep, device=chosen.device)
             state.select(_row_index(index, len(live), n_branches))

@@ -300,6 +300,27 @@ def test_on_done_answers_each_request_when_its_row_finishes(images, prompts):
     assert sorted(r for kind, r in events if kind == "done") == [0, 1, 2, 3]
 
 
+def test_requests_waiting_when_the_whole_batch_finishes_still_run(images, prompts):
+    engine = tiny_engine("llava")
+    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
+    config = DecodingConfig(max_new_tokens=2)  # every row ends at the same step
+    waiting = [(r, None) for r in requests[2:]]
+    asked: list[int] = []
+
+    def admit(n_live: int) -> list:
+        asked.append(n_live)
+        if n_live:
+            return []
+        new = waiting[:1]
+        del waiting[:1]
+        return new
+
+    results = engine.run(requests[:2], resolve("vcd"), config, [None, None], admit=admit)
+    alone = [engine.run([r], resolve("vcd"), config, [None])[0] for r in requests]
+    assert [r.token_ids for r in results] == [a.token_ids for a in alone]
+    assert asked == [2, 2, 0, 1, 0, 1, 0]  # the drained batch asked, one at a time
+
+
 def test_beam_search_search_methods_and_hooked_preparing_methods_take_no_newcomers(images,
                                                                                   prompts):
     engine = tiny_engine("llava")
@@ -318,4 +339,4 @@ def test_beam_search_search_methods_and_hooked_preparing_methods_take_no_newcome
     asked: list[int] = []
     engine.run([request], resolve("var", {"sink_dims": "3,7"}), DecodingConfig(max_new_tokens=3),
                [None], admit=lambda n: asked.append(n) or [])
-    assert asked == [1, 1, 1]
+    assert asked == [1, 1, 1, 0]  # before each step, and once the batch has drained

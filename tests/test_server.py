@@ -910,10 +910,12 @@ def test_default_method_from_start_up_applies_and_can_be_adjusted():
 def test_bench_serve_reports_both_sides():
     from veridical.server.bench import bench_serve
 
-    row = bench_serve(tiny_engine("llava"), MODEL, clients=2, requests_per_client=1,
+    row = bench_serve(tiny_engine("llava"), MODEL, clients=2, requests_per_client=2,
                       max_tokens=2, repeats=1)
-    assert row["requests"] == 2 and row["ratio"] > 0
+    assert row["requests"] == 4 and row["ratio"] > 0
     assert row["concurrent_tokens_per_s"] > 0 and row["sequential_tokens_per_s"] > 0
+    assert row["engine_ratio"] == pytest.approx(row["engine_continuous_requests_per_s"]
+                                                / row["engine_sequential_requests_per_s"])
 
 
 @pytest.mark.slow

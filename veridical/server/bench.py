@@ -9,6 +9,12 @@ alike. Reported: requests/s and completion tokens/s of each, their ratio (target
 8 clients), and how many requests one engine call served on average (continuous batching: the
 requests that joined a running batch count in it). Clients and server share the process; the
 clients are one asyncio loop of httpx.
+
+Beside it, in the same run, the engine's own ceiling: the same requests straight through
+``Engine.run``, no HTTP, one at a time against continuous batching with ``clients`` rows (the
+first ``clients`` start, each later one joins as a row leaves). Their ratio is the most the
+server could reach on this machine; the gap to the server's ratio is what HTTP, validation and
+the event loop cost.
 """
 
 from __future__ import annotations
@@ -94,6 +100,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                   f"{row['concurrent_tokens_per_s']:.1f}", f"{row['mean_batch_size']:.1f}")
     Console().print(table)
     print(f"throughput ratio (concurrent / sequential): {row['ratio']:.2f}x (target >= 3x)")
+    print(f"engine alone, no HTTP: {row['engine_sequential_requests_per_s']:.1f} requests/s one "
+          f"at a time, {row['engine_continuous_requests_per_s']:.1f} with continuous batching "
+          f"of {args.clients}: {row['engine_ratio']:.2f}x, the server's ceiling here")
     return 0
 
 
@@ -110,7 +119,8 @@ def bench_serve(engine: Any, model_name: str, clients: int = 8, requests_per_cli
 
     n = clients * requests_per_client
     bodies = []
-    for i, image in enumerate(bench_images(n)):
+    images = bench_images(n)
+    for i, image in enumerate(images):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -143,6 +153,8 @@ def bench_serve(engine: Any, model_name: str, clients: int = 8, requests_per_cli
                 if elapsed < best[name][0]:
                     best[name] = (elapsed, tokens)
     (t_c, n_c), (t_s, n_s) = best["concurrent"], best["sequential"]
+    ceiling = engine_ceiling(engine, images, [PROMPTS[i % len(PROMPTS)] for i in range(n)],
+                             clients, max_tokens, repeats, method)
     return {
         "model": model_name, "clients": clients, "requests": n, "max_tokens": max_tokens,
         "method": method,
@@ -151,8 +163,44 @@ def bench_serve(engine: Any, model_name: str, clients: int = 8, requests_per_cli
         "concurrent_tokens_per_s": n_c / t_c, "sequential_tokens_per_s": n_s / t_s,
         "ratio": (n_c / t_c) / (n_s / t_s),
         "mean_batch_size": jobs / batches, "largest_batch": stats.largest_batch,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), **ceiling,
     }
+
+
+def engine_ceiling(engine: Any, images: list, prompts: list[str], slots: int, max_tokens: int,
+                   repeats: int, method: str) -> dict[str, float]:
+    """Requests/s of ``Engine.run`` alone: one request at a time, and continuous batching with
+    ``slots`` rows (module docstring); best of ``repeats``, alternating."""
+    from veridical.bench import time_alternating
+    from veridical.decoding.engine import DecodingConfig
+    from veridical.decoding.registry import resolve
+
+    requests = [engine._request(image, prompt, i)
+                for i, (image, prompt) in enumerate(zip(images, prompts))]
+    config = DecodingConfig(max_new_tokens=max_tokens)
+
+    def one_at_a_time() -> int:
+        return len([engine.run([r], resolve(method), config, [None]) for r in requests])
+
+    def continuous() -> int:
+        waiting = [(r, None) for r in requests[slots:]]
+
+        def admit(n_live: int) -> list:
+            room = max(0, slots - n_live)
+            taken = waiting[:room]
+            del waiting[:room]
+            return taken
+
+        return len(engine.run(requests[:slots], resolve(method), config, [None] * slots,
+                              admit=admit))
+
+    timed = time_alternating({"one": one_at_a_time, "continuous": continuous}, repeats)
+    (t_one, n_one), (t_cont, n_cont) = timed["one"], timed["continuous"]
+    if n_one != len(requests) or n_cont != len(requests):
+        raise RuntimeError(f"engine ceiling: {n_one} and {n_cont} results for {len(requests)}")
+    return {"engine_sequential_requests_per_s": n_one / t_one,
+            "engine_continuous_requests_per_s": n_cont / t_cont,
+            "engine_ratio": (n_cont / t_cont) / (n_one / t_one)}
 
 
 async def _drive(url: str, bodies: list[dict], concurrency: int) -> tuple[float, int]:
