@@ -547,13 +547,14 @@ def _plot(log_path: Path, png: Path) -> None:
         if pts:
             axes[1].plot(*zip(*pts), label=label)
     axes[1].set(title="stage 2: weighted answer loss", xlabel="step", yscale="log")
-    axes[1].legend()
     for key in ("acc_random", "acc_partner", "caption_hall_i", "caption_recall"):
         pts = [(r["step"], r[key]) for r in ev if key in r]
         if pts:
             axes[2].plot(*zip(*pts), marker="o", label=key)
     axes[2].set(title="val checks", xlabel="step", ylim=(0, 1))
-    axes[2].legend()
+    for ax in axes[1:]:
+        if ax.get_legend_handles_labels()[0]:  # nothing logged yet: no empty legend
+            ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     plt.close(fig)
