@@ -326,12 +326,23 @@ class _Rows:
         if self.image_keys is not None:
             self.image_keys = keys(self.image_keys, other.image_keys, 1)
         self.key_state = {k: keys(v, other.key_state[k], 1) for k, v in self.key_state.items()}
-        self.row_data = {k: rows(v, other.row_data[k]) for k, v in self.row_data.items()}
+        self.row_data = {k: rows(*_broadcast_rows(v, other.row_data[k]))
+                         for k, v in self.row_data.items()}
         self.positions = rows(self.positions, other.positions, -2)
         self.prompt_end = rows(self.prompt_end, other.prompt_end, -2)
         self.info.n_slots = mine + theirs
         self._main = None
         return rows(logits, other_logits)
+
+
+def _broadcast_rows(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row state of two groups of rows with the same trailing shape, size-1 dims expanded
+    (FIA's selection of a request without an image is one column that stands for every image
+    token)."""
+    if a.shape[1:] == b.shape[1:]:
+        return a, b
+    shape = torch.broadcast_shapes(a.shape[1:], b.shape[1:])
+    return a.expand(len(a), *shape), b.expand(len(b), *shape)
 
 
 def _prefill_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -267,6 +267,22 @@ def test_requests_joining_a_running_batch_give_their_tokens_alone(arch, method, 
     assert done == dict(enumerate(results))  # each answered once, with its result
 
 
+@pytest.mark.parametrize("first_has_image", [True, False])
+def test_fia_requests_with_and_without_an_image_join_each_other(first_has_image, images, prompts):
+    # fia's per-request selection has one column per image token, or one for a text-only request
+    engine = tiny_engine("llava")
+    pictures = [images[0], None, images[2], None] if first_has_image else \
+        [None, images[1], None, images[3]]
+    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(pictures, prompts))]
+    config = DecodingConfig(max_new_tokens=6)
+    alone = [engine.run([r], resolve("fia"), config, [None])[0] for r in requests]
+    waiting = [(r, None) for r in requests[1:]]
+    joined = engine.run(requests[:1], resolve("fia"), config, [None],
+                        admit=lambda n: [waiting.pop(0)] if waiting else [])
+    assert not waiting
+    assert [r.token_ids for r in joined] == [a.token_ids for a in alone]
+
+
 def test_sampled_requests_joining_a_running_batch_draw_from_their_own_seeds(images, prompts):
     engine = tiny_engine("qwen2-vl")
     requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
