@@ -234,7 +234,7 @@ def test_on_token_streams_each_token_and_can_cancel_one_request(images, prompts)
 
 
 # Continuous batching: requests joining a running batch (``admit``), answers as rows finish ----
-JOIN_METHODS = [("none", None), ("vcd", None), ("m3id", None), ("vhr", None),
+JOIN_METHODS = [("none", None), ("vcd", None), ("m3id", None), ("vhr", None), ("pai", None),
                 ("var", {"sink_dims": "3,7", "tau": 10.0, "summ": 0.01})]
 
 
@@ -243,7 +243,8 @@ JOIN_METHODS = [("none", None), ("vcd", None), ("m3id", None), ("vhr", None),
 def test_requests_joining_a_running_batch_give_their_tokens_alone(arch, method, args, images,
                                                                   prompts):
     # vcd: a branch per request; m3id: a rule that depends on the request's own step; vhr:
-    # per-request state from its own forwards; var: per-key state written by hooks
+    # per-request state from its own forwards; pai: an edit on the real rows only, beside an
+    # unedited text-only branch; var: per-key state written by hooks
     engine = tiny_engine(arch)
     requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
     config = DecodingConfig(max_new_tokens=8)
