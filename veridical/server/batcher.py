@@ -1,4 +1,5 @@
-"""Dynamic batching of requests onto one synchronous, CPU- or GPU-bound engine.
+"""Batching of requests onto one synchronous, CPU- or GPU-bound engine (dynamic batches that
+waiting requests can join while they run).
 
 Contract:
 - ``submit(key, payload)`` queues a job and returns it at once; ``await job.future`` gives its
