@@ -426,6 +426,48 @@ def test_concurrent_load_completes_without_failures(server):
     assert_healthy(server)
 
 
+def test_concurrent_mixed_requests_each_equal_engine_generate(server):
+    """6 clients x 4 requests at once, sampled with their own seeds under vcd (one batch key, so
+    requests can join running batches), streamed or not, with and without an image, each its own
+    max_tokens: every answer equals ``engine.generate`` of that request alone."""
+    specs = [dict(client=k % 6, prompt=f"question {k} about the picture", method="vcd",
+                  image=k % 5 != 0, sample=True, seed=100 + k, max_tokens=2 + (5 * k) % 23,
+                  stream=k % 2 == 0)
+             for k in range(24)]
+
+    def send(spec: dict) -> str:
+        payload = body(messages=user(IMAGE_URL if spec["image"] else None, spec["prompt"]),
+                       max_tokens=spec["max_tokens"], seed=spec["seed"],
+                       temperature=0.8 if spec["sample"] else 0, stream=spec["stream"],
+                       mitigation={"method": spec["method"]})
+        if not spec["stream"]:
+            response = post(server, payload)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=payload,
+                          headers=AUTH, timeout=120) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                       if e["choices"])
+
+    stats = server.app.state.serving.batcher.stats
+    before = (stats.batches, stats.completed, stats.joined)
+    with ThreadPoolExecutor(6) as pool:
+        answers = dict(zip(range(6), pool.map(
+            lambda c: [send(s) for s in specs if s["client"] == c], range(6))))
+    got = [answers[s["client"]].pop(0) for s in specs]
+    # answers go out as rows finish; the batcher counts a batch's jobs when the batch ends
+    wait_until(lambda: stats.completed - before[1] == 24)
+    assert stats.batches - before[0] < 24 and stats.joined > before[2]  # 8 rows at most
+    for spec, text in zip(specs, got):
+        sampling = dict(do_sample=True, temperature=0.8) if spec["sample"] else {}
+        want = server.engine.generate(IMAGE if spec["image"] else None, spec["prompt"],
+                                      method=spec["method"], max_new_tokens=spec["max_tokens"],
+                                      seed=spec["seed"], **sampling)  # vcd's noise uses it too
+        assert text == want.text, spec
+
+
 def _schemathesis_check(server, max_examples: int) -> None:
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings

@@ -182,6 +182,7 @@ class Batcher:
             self._running = batch
             self._last_batch = len(batch)
             self.stats.batches += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
 
             def publish(i: int, result: Any, batch: list[Job] = batch) -> None:
                 loop.call_soon_threadsafe(_settle, batch[i].future, result)
@@ -195,7 +196,6 @@ class Batcher:
                     admit)
             finally:
                 self._running = []
-            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
             for job, result in zip(batch, results):
                 failed = isinstance(result, BaseException)
                 self.stats.failed += failed
@@ -236,6 +236,7 @@ class Batcher:
             joined = self._move(batch[0].key, room)
         batch.extend(joined)  # the running list is ``batch`` itself
         self.stats.joined += len(joined)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         return joined
 
     def _move(self, key: Hashable, limit: int) -> list[Job]:
