@@ -191,9 +191,8 @@ class Batcher:
                 return [job.payload for job in self._admit(batch, n_live)]
 
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._call, batch[0].key, [j.payload for j in batch], publish,
-                    admit)
+                results = await loop.run_in_executor(self._executor, self._call, batch, publish,
+                                                     admit)
             finally:
                 self._running = []
             for job, result in zip(batch, results):
@@ -248,25 +247,16 @@ class Batcher:
             job.running = True
         return jobs
 
-    def _call(self, key: Hashable, payloads: list[Any], publish: Publish, admit: Admit
-              ) -> list[Any]:
-        given = len(payloads)
-        joined: list[Any] = []
-
-        def admit_and_count(n_live: int) -> list[Any]:
-            new = admit(n_live)
-            joined.extend(new)
-            return new
-
+    def _call(self, batch: list[Job], publish: Publish, admit: Admit) -> list[Any]:
+        """``run`` on the batch's payloads; one result per job, the joined ones included."""
         try:
-            results = list(self._run(key, payloads, publish, admit_and_count))
+            results = list(self._run(batch[0].key, [j.payload for j in batch], publish, admit))
         except Exception as exc:  # handed to the waiters, never lost
-            logger.exception("batch of %d failed", given + len(joined))
-            return [exc] * (given + len(joined))
-        if len(results) != given + len(joined):
-            error = RuntimeError(f"run() returned {len(results)} results for "
-                                 f"{given + len(joined)} jobs")
-            return [error] * (given + len(joined))
+            logger.exception("batch of %d failed", len(batch))
+            return [exc] * len(batch)
+        if len(results) != len(batch):  # ``batch`` has grown by the jobs ``admit`` let in
+            error = RuntimeError(f"run() returned {len(results)} results for {len(batch)} jobs")
+            return [error] * len(batch)
         return results
 
 
