@@ -434,13 +434,15 @@ class Engine:
             max_new_tokens, do_sample, temperature, top_p, top_k, num_beams, length_penalty,
             early_stopping, stops, logprobs,
         )
-        requests = [self._request(img, p, i) for i, (img, p) in enumerate(zip(image_list, prompt_list))]
+        requests = [self.request(img, p, i) for i, (img, p) in enumerate(zip(image_list, prompt_list))]
         seeds = _request_seeds(seed, len(requests))
         results = self.run(requests, resolve(method, method_args), config, seeds)
         return results[0] if single else results
 
     # Internals ----------------------------------------------------------------------------------
-    def _request(self, image: Any, prompt: Any, index: int) -> Request:
+    def request(self, image: Any, prompt: Any, index: int = 0) -> Request:
+        """A validated request for :meth:`run`: the prompt checked, the image (PIL image or
+        path) loaded; ``index`` names the request in error messages."""
         where = f"request {index}"
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"{where}: the prompt is empty; give the user's question as text")

@@ -212,7 +212,7 @@ def test_on_token_streams_each_token_and_can_cancel_one_request(images, prompts)
     engine = tiny_engine("qwen2-vl")
     method = resolve("none")
     config = DecodingConfig(max_new_tokens=8)
-    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
+    requests = [engine.request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
     seen: dict[int, list[int]] = {r: [] for r in range(4)}
 
     def record(request: int, token: int, logprob) -> bool:
@@ -246,7 +246,7 @@ def test_requests_joining_a_running_batch_give_their_tokens_alone(arch, method, 
     # per-request state from its own forwards; pai: an edit on the real rows only, beside an
     # unedited text-only branch; var: per-key state written by hooks
     engine = tiny_engine(arch)
-    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
+    requests = [engine.request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
     config = DecodingConfig(max_new_tokens=8)
     alone = [engine.run([r], resolve(method, args), config, [None])[0] for r in requests]
     waiting = [(r, None) for r in requests[1:]]
@@ -274,7 +274,7 @@ def test_fia_requests_with_and_without_an_image_join_each_other(first_has_image,
     engine = tiny_engine("llava")
     pictures = [images[0], None, images[2], None] if first_has_image else \
         [None, images[1], None, images[3]]
-    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(pictures, prompts))]
+    requests = [engine.request(i, p, n) for n, (i, p) in enumerate(zip(pictures, prompts))]
     config = DecodingConfig(max_new_tokens=6)
     alone = [engine.run([r], resolve("fia"), config, [None])[0] for r in requests]
     waiting = [(r, None) for r in requests[1:]]
@@ -286,7 +286,7 @@ def test_fia_requests_with_and_without_an_image_join_each_other(first_has_image,
 
 def test_sampled_requests_joining_a_running_batch_draw_from_their_own_seeds(images, prompts):
     engine = tiny_engine("qwen2-vl")
-    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
+    requests = [engine.request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
     config = DecodingConfig(max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.9)
     seeds = [11, 12, 13, 14]
     alone = [engine.run([r], resolve("vcd"), config, [s])[0] for r, s in zip(requests, seeds)]
@@ -298,7 +298,7 @@ def test_sampled_requests_joining_a_running_batch_draw_from_their_own_seeds(imag
 
 def test_on_done_answers_each_request_when_its_row_finishes(images, prompts):
     engine = tiny_engine("qwen2-vl")
-    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
+    requests = [engine.request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
     free = [engine.generate(i, p, max_new_tokens=12).token_ids for i, p in zip(images, prompts)]
     events: list[tuple[str, int]] = []
     saved = engine.eos_ids
@@ -319,7 +319,7 @@ def test_on_done_answers_each_request_when_its_row_finishes(images, prompts):
 
 def test_requests_waiting_when_the_whole_batch_finishes_still_run(images, prompts):
     engine = tiny_engine("llava")
-    requests = [engine._request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
+    requests = [engine.request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
     config = DecodingConfig(max_new_tokens=2)  # every row ends at the same step
     waiting = [(r, None) for r in requests[2:]]
     asked: list[int] = []
@@ -341,7 +341,7 @@ def test_requests_waiting_when_the_whole_batch_finishes_still_run(images, prompt
 def test_beam_search_search_methods_and_hooked_preparing_methods_take_no_newcomers(images,
                                                                                   prompts):
     engine = tiny_engine("llava")
-    request = engine._request(images[0], prompts[0], 0)
+    request = engine.request(images[0], prompts[0], 0)
 
     def never(n_live: int) -> list:
         raise AssertionError("admit was called")

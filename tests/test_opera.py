@@ -88,7 +88,7 @@ def test_scores_equal_direct_computation_on_materialised_attention(images):
     engine.generate(images[0], prompt, method=opera(trace=trace, beams=2,
                                                     num_attn_candidates=3),
                     max_new_tokens=14)
-    enc = engine._encode(engine._request(images[0], prompt, 0))
+    enc = engine._encode(engine.request(images[0], prompt, 0))
     start = enc["input_ids"].shape[1]
     image_id = engine.adapter.image_token_id(engine.model.config)
     model = engine.model

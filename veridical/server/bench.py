@@ -181,7 +181,7 @@ def engine_batching_gain(engine: Any, images: list, prompts: list[str], slots: i
     from veridical.decoding.engine import DecodingConfig
     from veridical.decoding.registry import resolve
 
-    requests = [engine._request(image, prompt, i)
+    requests = [engine.request(image, prompt, i)
                 for i, (image, prompt) in enumerate(zip(images, prompts))]
     config = DecodingConfig(max_new_tokens=max_tokens)
 
