@@ -43,7 +43,9 @@ class ServerSettings(BaseModel):
                                                     "e.g. vcd or vhr+vcd")
     default_method_args: dict[str, Any] = Field(
         default_factory=dict, description="parameters of the default method (--set k=v)")
-    max_batch_size: int = Field(8, ge=1, le=1024, description="most requests in one engine call")
+    max_batch_size: int = Field(
+        8, ge=1, le=1024,
+        description="most requests decoding together (newcomers join a running batch up to it)")
     max_queue_size: int = Field(64, ge=1, description="waiting requests before answering 429")
     max_concurrent_requests: int = Field(
         256, ge=1, description="requests handled at once, in any stage, before answering 429")
