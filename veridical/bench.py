@@ -179,6 +179,7 @@ BEAM = "none (beam search, 5 beams)"
 
 
 def _split(timed: dict, name: str) -> tuple[float, float, float | None]:
-    """(time per token of the call, first-token time, decode time per later token)."""
+    """(time per token of the call, first-token time, decode time per later token; None when
+    there is no later token, or when the machine's noise exceeded the decoding's time)."""
     (t, n), (t1, n1) = timed[name], timed[(name, "first")]
-    return t / n, t1, ((t - t1) / (n - n1) if n > n1 else None)
+    return t / n, t1, ((t - t1) / (n - n1) if n > n1 and t > t1 else None)
