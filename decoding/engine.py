@@ -471,7 +471,6 @@ class Engine:
         if config.logprobs is not None and custom is not None:
             raise InputError(f"logprobs are not available with {method.name!r}: its search "
                              "chooses whole sequences; leave logprobs unset")
-        requests, seeds = list(requests), list(seeds)
         branches = method.branches()
         info = RowInfo(["main"] + [b.name for b in branches], n_slots=len(requests))
         edits = method.attention_edits(self)
@@ -500,8 +499,6 @@ class Engine:
             if not new:
                 return None
             new_requests, new_seeds = [r for r, _ in new], [sd for _, sd in new]
-            requests.extend(new_requests)
-            seeds.extend(new_seeds)
             results.extend([None] * len(new))
             return start(new_requests, new_seeds), new_seeds
 
