@@ -5,7 +5,7 @@ Contract:
 - ``submit(key, payload)`` queues a job and returns it at once; ``await job.future`` gives its
   result. Jobs whose ``key`` is equal (same method, parameters and decoding mode) may share one
   call of ``run(key, payloads) -> results``; jobs with different keys never do.
-- ``run(key, payloads, publish)`` executes in ONE worker thread, one batch at a time, so the
+- ``run(key, payloads, publish, admit)`` executes in ONE worker thread, one batch at a time, so the
   event loop stays free to accept, validate and answer requests while the engine works. It
   returns one result per payload, in order; an item that is an exception is raised to that
   job's waiter only, and an exception raised by ``run`` itself fails every job of the batch

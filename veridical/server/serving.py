@@ -258,7 +258,7 @@ class ChatServing:
             publish(i, answered[i])
 
         def join(n_live: int) -> list[tuple[Request, int | None]]:
-            new = admit(n_live) if admit is not None else []
+            new = admit(n_live)  # only passed on when joinable
             jobs.extend(new)
             counts.extend([0] * len(new))
             return [(j.request, j.seed) for j in new]
