@@ -369,8 +369,8 @@ class Engine:
         self.adapter = adapter
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        # Edited attention: "auto" = the fused Triton kernel on CUDA, the torch route on CPU;
-        # "triton" / "torch" force one (veridical.kernels).
+        # Edited attention: "auto" = the fused Triton kernel on CUDA, the torch route on CPU
+        # (with VAR's numba loops, veridical.kernels.cpu); "triton" / "torch" force one.
         self.attention_impl = "auto"
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"

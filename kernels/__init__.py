@@ -1,5 +1,6 @@
-"""Attention kernels: a torch reference that is the specification, and fused Triton kernels for
-GPUs. Importing this package never requires triton or a GPU.
+"""Attention kernels: a torch reference that is the specification, fused Triton kernels for
+GPUs, and compiled CPU loops for VAR's per-layer work (:mod:`.cpu`, numba). Importing this
+package never requires triton, numba or a GPU.
 
 ``attention(q, k, v, *, scaling, key_padding, causal, pre_softmax, var, export, impl)`` returns
 ``(out (B, Tq, H, D), probs | None)`` as transformers' attention functions do; the contract

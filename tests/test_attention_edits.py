@@ -272,8 +272,9 @@ AttentionInterface.register("test_eager_var", eager_var_attention)
 AttentionMaskInterface.register("test_eager_var", eager_mask)
 
 
+@pytest.mark.parametrize("impl", ["auto", "torch"])  # auto: the numba loops at decode on CPU
 @pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
-def test_var_equals_eager_reference_with_left_padding(arch, images, prompts):
+def test_var_equals_eager_reference_with_left_padding(arch, impl, images, prompts):
     from veridical.decoding.methods.var import VAR, VAREdit, sink_from_layer, sink_hooks
     from veridical.heads.scores import effective_tau, rms_abs
 
@@ -316,7 +317,7 @@ def test_var_equals_eager_reference_with_left_padding(arch, images, prompts):
     previous = use_edits(engine.model, True)
     try:
         rows = _Rows(engine.model, dict(batch), engine._cache_kw, info, image_id,
-                     method.attention_edits(engine))
+                     method.attention_edits(engine), impl=impl)
         first = rows.prefill()
         second = rows.step(first.argmax(-1))
     finally:
