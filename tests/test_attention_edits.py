@@ -377,12 +377,17 @@ def test_var_skipping_sink_flags_changes_nothing(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
 def test_var_strength_zero_and_batch_invariance(arch, images, prompts):
+    from veridical.decoding.methods.var import VAR
+
     engine = tiny_engine(arch)
     args = {"sink_dims": "3,7", "tau": 10.0, "summ": 0.01}
     base = engine.generate(images, prompts, max_new_tokens=6)
     off = engine.generate(images, prompts, method="var", method_args={**args, "p": 1.0},
                           max_new_tokens=6)
     assert [r.token_ids for r in off] == [r.token_ids for r in base]
+    no_dims = VAR(**{**args, "sink_dims": "none"})  # no token can be a sink: nothing installed
+    assert no_dims.install(engine, None) == [] and no_dims.attention_edits(engine) == []
+    assert VAR(**args).attention_edits(engine)
     for kw in (dict(max_new_tokens=6), dict(max_new_tokens=6, do_sample=True, seed=[1, 2, 3, 4]),
                dict(max_new_tokens=5, num_beams=2)):
         batch = engine.generate(images, prompts, method="var", method_args=args, **kw)

@@ -7,6 +7,8 @@ to the model's width as the profiler does, so 20 is VAR's value for 4096-wide mo
 pre-hook on every decoder layer records the flags of each token as it is processed, so generated
 tokens can be sinks too; it skips a layer at a forward without image tokens when no cached image
 token is a sink there (VAR cannot act on that layer any more, so those flags are never read).
+With no sink dimensions (the profile lists none, or ``sink_dims=none``) no token can be a sink,
+so VAR installs nothing at all.
 
 Redistribution, in every layer but the last, for the real-input rows: at prefill the text query
 positions after the image, at decode the new query. As the reference code does: only in layers
@@ -182,7 +184,7 @@ def sink_hooks(engine, dims: list[int], tau: float) -> list:
             if flags is None:
                 flags = torch.zeros(*hidden.shape[:2], len(layers), dtype=torch.bool)
                 plan.fresh["var_sink"] = flags
-            if layer_idx < first or not len(dims) or not may_have_image_sinks(plan)[layer_idx]:
+            if layer_idx < first or not may_have_image_sinks(plan)[layer_idx]:
                 return
             if plan.impl == "auto" and cpu.serves(hidden):  # one fused loop
                 cpu.sink_flags_(hidden, index.numpy(), threshold, RMS_EPS, flags, layer_idx)
@@ -234,13 +236,18 @@ class VAR(Method):
                              f"0..{width - 1} (the model's hidden size)")
         return dims
 
+    def _acts(self, engine) -> bool:
+        """p = 1, or no sink dims (no token can be a sink): VAR changes nothing, so it installs
+        nothing and decoding costs what the baseline costs."""
+        return self.args["p"] != 1.0 and bool(self._dims(engine))
+
     def install(self, engine, rows):
-        if self.args["p"] == 1.0:
+        if not self._acts(engine):
             return []
         return sink_hooks(engine, self._dims(engine), self.args["tau"])
 
     def attention_edits(self, engine):
-        if self.args["p"] == 1.0:
+        if not self._acts(engine):
             return []
         n_layers = len(engine.adapter.decoder_layers(engine.model))
         return [VAREdit(n_layers, self.args["p"], self.args["rho"], self.args["summ"])]
