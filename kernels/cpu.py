@@ -97,7 +97,8 @@ def sink_flags_(hidden: torch.Tensor, dims: np.ndarray, threshold: float, eps: f
                 out: torch.Tensor, layer: int) -> None:
     """``out[:, :, layer] = (|h / sqrt(mean(h^2) + eps)|[..., dims] > threshold).any(-1)`` for
     ``hidden`` (R, T, D) float32 and ``out`` (R, T, L) bool, both on the CPU."""
-    _compiled("_sink_flags")(hidden.detach().numpy(), dims, float(threshold), float(eps), out.numpy(), layer)
+    _compiled("_sink_flags")(hidden.detach().numpy(), dims, float(threshold), float(eps),
+                             out.numpy(), layer)
 
 
 def var_decode(probs: torch.Tensor, image: torch.Tensor, past: torch.Tensor | None,
@@ -112,6 +113,7 @@ def var_decode(probs: torch.Tensor, image: torch.Tensor, past: torch.Tensor | No
     probs = probs.contiguous()
     out = torch.empty_like(probs)
     _compiled("_var_decode")(probs.view(n, H, kv).numpy(), image.numpy(),
-                _NO_PAST if past is None else past.numpy(), fresh.numpy(), layer,
-                rows.numpy(), float(p), float(rho), float(summ), out.view(n, H, kv).numpy())
+                             _NO_PAST if past is None else past.numpy(), fresh.numpy(), layer,
+                             rows.numpy(), float(p), float(rho), float(summ),
+                             out.view(n, H, kv).numpy())
     return out
