@@ -172,6 +172,7 @@ def sink_hooks(engine, dims: list[int], tau: float) -> list:
     width = engine.adapter.text_config(engine.model.config).hidden_size
     threshold = effective_tau(tau, width)
     index = torch.tensor(dims, dtype=torch.long)
+    index_np = index.numpy()  # the same dims for the numba loop
     first = sink_from_layer(len(layers))
 
     def hook(layer_idx):
@@ -187,7 +188,7 @@ def sink_hooks(engine, dims: list[int], tau: float) -> list:
             if layer_idx < first or not may_have_image_sinks(plan)[layer_idx]:
                 return
             if plan.impl == "auto" and cpu.serves(hidden):  # one fused loop
-                cpu.sink_flags_(hidden, index.numpy(), threshold, RMS_EPS, flags, layer_idx)
+                cpu.sink_flags_(hidden, index_np, threshold, RMS_EPS, flags, layer_idx)
             else:
                 phi = rms_abs(hidden, dims=index.to(hidden.device))
                 flags[:, :, layer_idx] = (phi > threshold).any(-1).cpu()
