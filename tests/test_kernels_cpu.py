@@ -69,10 +69,11 @@ def test_var_decode_takes_one_query_row():
                        0.6, 0.5, 0.2)
 
 
-def test_serves_only_float32_cpu_tensors():
+def test_serves_only_float32_cpu_tensors_under_auto():
     assert cpu.serves(torch.zeros(2))
     assert not cpu.serves(torch.zeros(2, dtype=torch.bfloat16))
     assert not cpu.serves(torch.zeros(2, dtype=torch.float64))
+    assert not cpu.serves(torch.zeros(2), "torch") and not cpu.serves(torch.zeros(2), "triton")
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])

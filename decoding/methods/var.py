@@ -94,7 +94,7 @@ class VAREdit(AttentionEdit):
     def edit_probs(self, layer, probs, plan):
         if not may_have_image_sinks(plan)[layer]:  # no image sink in this layer: nothing to do
             return probs
-        if plan.impl == "auto" and cpu.serves(probs):  # one fused loop instead of ~30 small ops
+        if cpu.serves(probs, plan.impl):  # one fused loop instead of ~30 small ops
             return cpu.var_decode(probs, plan.image_keys, plan.key_state.get("var_sink"),
                                   plan.fresh["var_sink"], layer, plan.index, self.p, self.rho,
                                   self.summ)
@@ -187,7 +187,7 @@ def sink_hooks(engine, dims: list[int], tau: float) -> list:
                 plan.fresh["var_sink"] = flags
             if layer_idx < first or not may_have_image_sinks(plan)[layer_idx]:
                 return
-            if plan.impl == "auto" and cpu.serves(hidden):  # one fused loop
+            if cpu.serves(hidden, plan.impl):  # one fused loop
                 cpu.sink_flags_(hidden, index_np, threshold, RMS_EPS, flags, layer_idx)
             else:
                 phi = rms_abs(hidden, dims=index.to(hidden.device))
