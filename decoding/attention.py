@@ -114,7 +114,11 @@ class EditPlan:
         if self.index is None:
             self.index = self.rows.nonzero().flatten()
         self.all_rows = len(self.index) == len(self.rows)
-        self.layer_set = set().union(*(e.layers() for e in self.edits)) if self.edits else set()
+        # per edited layer, the edits that apply to it (none when no row is edited)
+        self.layer_edits: dict[int, list[AttentionEdit]] = {}
+        for edit in self.edits if len(self.index) else ():
+            for layer in edit.layers():
+                self.layer_edits.setdefault(layer, []).append(edit)
         self.memo: dict[str, object] = {}  # what edits derive once per forward, for every layer
 
     def keys(self) -> torch.Tensor:
@@ -158,13 +162,13 @@ def veridical_attention(module, query, key, value, attention_mask, dropout: floa
     """SDPA, then the active plan's edits on the last query position of its rows (module
     docstring; decode steps take one explicit pass instead)."""
     plan = _PLAN.get()
-    layer = getattr(module, "layer_idx", None)
-    if plan is None or layer not in plan.layer_set or plan.index.numel() == 0:
+    pre = plan.layer_edits.get(getattr(module, "layer_idx", None)) if plan is not None else None
+    if not pre:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
+    layer = module.layer_idx
     idx = plan.index.to(query.device)
     n = plan.n_new  # the trailing query positions that produce next tokens
-    pre = [e for e in plan.edits if layer in e.layers()]
     fused = _fused(layer, pre, plan, module, query, key, value, attention_mask, scaling)
     if fused is not None:
         out = fused
@@ -203,27 +207,10 @@ def _decode_step(layer, edits, plan, idx, module, query, key, value, attention_m
                  ) -> torch.Tensor:
     """One query position: explicit attention for every row with the edits on the plan's rows
     (``idx``, on the query's device), (B, 1, H, D)."""
-
-    def on_rows(full: torch.Tensor, edit_rows) -> torch.Tensor:
-        """``edit_rows`` applied to the plan's rows of ``full`` (B, H, 1, kv)."""
-        if plan.all_rows:
-            new = edit_rows(full)
-            return full if new is None else new
-        new = edit_rows(full[idx])
-        return full if new is None else full.index_copy(0, idx, new)
-
-    def chain(method: str):
-        def apply(x: torch.Tensor) -> torch.Tensor | None:
-            edited = None
-            for edit in edits:
-                new = getattr(edit, method)(layer, x if edited is None else edited, plan)
-                edited = new if new is not None else edited
-            return edited
-        return apply
-
     logits = row_logits(module, query, key, attention_mask, scaling, None)
-    logits = on_rows(logits, chain("edit_logits"))
-    probs = on_rows(torch.softmax(logits, dim=-1, dtype=torch.float32), chain("edit_probs"))
+    logits = _edit_rows(logits, "edit_logits", layer, edits, plan, idx)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    probs = _edit_rows(probs, "edit_probs", layer, edits, plan, idx)
     groups = getattr(module, "num_key_value_groups", 1)
     out = torch.matmul(probs.to(value.dtype), repeat_kv(value, groups)).transpose(1, 2)
     for edit in edits:
@@ -235,6 +222,18 @@ def _decode_step(layer, edits, plan, idx, module, query, key, value, attention_m
     out = _post_attention(layer, edits, plan, module, query, key, value, attention_mask, scaling,
                           out)
     return out.contiguous()
+
+
+def _edit_rows(full: torch.Tensor, hook: str, layer, edits, plan, idx) -> torch.Tensor:
+    """``full`` (B, H, 1, kv) with its plan rows through each edit's ``hook`` in turn."""
+    rows = full if plan.all_rows else full[idx]
+    edited = None
+    for edit in edits:
+        new = getattr(edit, hook)(layer, rows if edited is None else edited, plan)
+        edited = new if new is not None else edited
+    if edited is None:
+        return full
+    return edited if plan.all_rows else full.index_copy(0, idx, edited)
 
 
 def _post_attention(layer, edits, plan, module, query, key, value, attention_mask, scaling,
@@ -318,7 +317,7 @@ def row_logits(module, query, key, attention_mask, scaling, idx, last: int | Non
         return logits.masked_fill(~causal, torch.finfo(logits.dtype).min)
     if mask is not None:
         if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+            logits = torch.where(mask, logits, torch.finfo(logits.dtype).min)
         else:
             logits = (logits + mask).clamp_min(torch.finfo(logits.dtype).min)
     return logits

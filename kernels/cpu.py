@@ -8,12 +8,14 @@ rounding: sums are accumulated in float64, so a flag or a head's selection can d
 its value lies within rounding of the threshold.
 
 - :func:`serves` says whether a tensor takes this route: the dispatch is ``"auto"``, numba is
-  installed, the tensor is a float32 CPU tensor. Otherwise callers take the torch route (GPUs have the Triton kernel).
+  installed, the tensor is a float32 CPU tensor. Otherwise callers take the torch route (GPUs
+  have the Triton kernel).
 - :func:`sink_flags_` writes ``|h / rms(h)| > threshold`` on any of ``dims`` into one layer's
   column of a (R, T, L) bool tensor, for hidden states (R, T, D).
 - :func:`var_decode` applies VAR's rule to the weights (n, H, 1, kv) of one query row per row,
   reading the sink flags of layer ``layer`` straight from the cached (R, kv_past, L) and this
-  forward's (R, T, L) flags (no concatenation).
+  forward's (R, T, L) flags (no concatenation); :func:`decode_keys` takes the numpy views of
+  those key tensors once per forward, for every layer's call.
 
 numba is imported and the loops compiled on first use (under a second each; numba caches the
 machine code on disk, next to this file).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,8 +38,7 @@ _NO_PAST = np.zeros((1, 0, 1), dtype=np.bool_)
 def serves(t: torch.Tensor, impl: str = "auto") -> bool:
     """Whether ``t`` goes through these loops under the dispatch ``impl`` (an edit plan's):
     ``"auto"``, numba present, a float32 CPU tensor."""
-    return (impl == "auto" and NUMBA_AVAILABLE and t.device.type == "cpu"
-            and t.dtype == torch.float32)
+    return impl == "auto" and NUMBA_AVAILABLE and t.is_cpu and t.dtype == torch.float32
 
 
 @functools.cache
@@ -103,19 +105,34 @@ def sink_flags_(hidden: torch.Tensor, dims: np.ndarray, threshold: float, eps: f
                              out.numpy(), layer)
 
 
-def var_decode(probs: torch.Tensor, image: torch.Tensor, past: torch.Tensor | None,
-               fresh: torch.Tensor, layer: int, rows: torch.Tensor, p: float, rho: float,
+class DecodeKeys(NamedTuple):
+    """What :func:`var_decode` reads of a forward's keys, as numpy views of the tensors (built
+    once per forward by :func:`decode_keys`; the hooks fill ``fresh`` in place)."""
+
+    image: np.ndarray
+    past: np.ndarray
+    fresh: np.ndarray
+    rows: np.ndarray
+
+
+def decode_keys(image: torch.Tensor, past: torch.Tensor | None, fresh: torch.Tensor,
+                rows: torch.Tensor) -> DecodeKeys:
+    """``image`` (R, kv) bool image keys; sink flags ``past`` (R, kv - T, L) (None: no cache)
+    and ``fresh`` (R, T, L) bool; ``rows`` (n,) the batch rows of the weights to edit."""
+    return DecodeKeys(image.numpy(), _NO_PAST if past is None else past.numpy(), fresh.numpy(),
+                      rows.numpy())
+
+
+def var_decode(probs: torch.Tensor, keys: DecodeKeys, layer: int, p: float, rho: float,
                summ: float) -> torch.Tensor:
-    """VAR's rule on ``probs`` (n, H, 1, kv) float32, the weights of rows ``rows`` (n,) of the
-    batch; ``image`` (R, kv) bool image keys; sink flags ``past`` (R, kv - T, L) and ``fresh``
-    (R, T, L) bool, of which layer ``layer`` is read. Returns new weights (n, H, 1, kv)."""
+    """VAR's rule on ``probs`` (n, H, 1, kv) float32, the weights of rows ``keys.rows`` of the
+    batch, with the sink flags of layer ``layer``. Returns new weights (n, H, 1, kv)."""
     n, H, q, kv = probs.shape
     if q != 1:
         raise ValueError(f"var_decode takes one query row, got {q}")
     probs = probs.contiguous()
     out = torch.empty_like(probs)
-    _compiled("_var_decode")(probs.view(n, H, kv).numpy(), image.numpy(),
-                             _NO_PAST if past is None else past.numpy(), fresh.numpy(), layer,
-                             rows.numpy(), float(p), float(rho), float(summ),
+    _compiled("_var_decode")(probs.view(n, H, kv).numpy(), keys.image, keys.past, keys.fresh,
+                             layer, keys.rows, float(p), float(rho), float(summ),
                              out.view(n, H, kv).numpy())
     return out

@@ -352,12 +352,14 @@ def test_var_skips_sink_flags_only_where_no_image_sink_can_act():
 
 def test_var_skipping_sink_flags_changes_nothing(monkeypatch):
     # The built-in model (4 layers, 3 edited) with a sink rule under which, at decode, the cache
-    # holds image sinks in some edited layers but not in others: those layers' flags are skipped.
+    # holds image sinks in some edited layers but not in others: those layers' flags are skipped
+    # (on the torch route; the compiled loops flag every decode token, test_kernels_cpu.py).
     import veridical
     import veridical.decoding.methods.var as var
     from veridical.bench import PROMPTS, bench_images
 
     engine = veridical.load("builtin:synthcoco-llava")
+    engine.attention_impl = "torch"
     images, prompts = bench_images(2), PROMPTS[:2]
     args = {"sink_dims": "45", "tau": 20.0}
     kw = dict(method="var", max_new_tokens=8, logprobs=3)

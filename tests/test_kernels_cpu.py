@@ -45,10 +45,11 @@ def test_var_decode_equals_var_reweight():
     probs = torch.softmax(logits, -1)
     rows = torch.tensor([0, 1, 3, 4])  # the plan's rows (row 2 is another branch)
     queries = torch.ones(len(rows), 1, dtype=torch.bool)
+    keys = cpu.decode_keys(image, past, fresh, rows)
     n_changed = 0
     for layer in range(L):
         for p, rho, summ in ((0.6, 0.5, 0.2), (0.3, 0.9, 0.05), (1.0, 0.5, 0.2)):
-            got = cpu.var_decode(probs[rows], image, past, fresh, layer, rows, p, rho, summ)
+            got = cpu.var_decode(probs[rows], keys, layer, p, rho, summ)
             want, changed = var_reweight(probs[rows], image[rows], flags[rows, :, layer],
                                          queries, p, rho, summ)
             assert (got - want).abs().max() <= 1e-6
@@ -56,7 +57,8 @@ def test_var_decode_equals_var_reweight():
             n_changed += int(changed.sum())
     assert n_changed > 0
     assert torch.equal(got, probs[rows])  # the last case: p = 1 changes nothing
-    only_fresh = cpu.var_decode(probs, image, None, flags, 0, torch.arange(R), 0.6, 0.5, 0.2)
+    only_fresh = cpu.var_decode(probs, cpu.decode_keys(image, None, flags, torch.arange(R)), 0,
+                                0.6, 0.5, 0.2)
     want, _ = var_reweight(probs, image, flags[..., 0], torch.ones(R, 1, dtype=torch.bool),
                            0.6, 0.5, 0.2)
     assert (only_fresh - want).abs().max() <= 1e-6
@@ -64,9 +66,9 @@ def test_var_decode_equals_var_reweight():
 
 def test_var_decode_takes_one_query_row():
     with pytest.raises(ValueError, match="one query row"):
-        cpu.var_decode(torch.rand(1, 2, 3, 5), torch.ones(1, 5, dtype=torch.bool), None,
-                       torch.zeros(1, 5, 1, dtype=torch.bool), 0, torch.tensor([0]),
-                       0.6, 0.5, 0.2)
+        keys = cpu.decode_keys(torch.ones(1, 5, dtype=torch.bool), None,
+                               torch.zeros(1, 5, 1, dtype=torch.bool), torch.tensor([0]))
+        cpu.var_decode(torch.rand(1, 2, 3, 5), keys, 0, 0.6, 0.5, 0.2)
 
 
 def test_serves_only_float32_cpu_tensors_under_auto():
@@ -98,5 +100,32 @@ def test_generate_with_the_loops_gives_the_torch_routes_tokens(arch, images, pro
     assert calls  # the loops ran
     assert [r.token_ids for r in fused] == [r.token_ids for r in torch_route]
     for a, b in zip(fused, torch_route):
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x.logprob - y.logprob) <= 1e-5
+
+
+def test_the_loops_flag_every_decode_token_and_agree_with_the_torch_routes_skipping(monkeypatch):
+    # The built-in model with a sink rule under which the cache holds image sinks in some edited
+    # layers only: the torch route skips the others' flags at decode steps, the loops do not ask.
+    import veridical
+    import veridical.decoding.methods.var as var
+    from veridical.bench import PROMPTS, bench_images
+
+    engine = veridical.load("builtin:synthcoco-llava")
+    images, prompts = bench_images(2), PROMPTS[:2]
+    kw = dict(method="var", method_args={"sink_dims": "45", "tau": 20.0}, max_new_tokens=8,
+              logprobs=3)
+    seen, real = [], var.may_have_image_sinks
+    monkeypatch.setattr(var, "may_have_image_sinks", lambda plan: seen.append(
+        (plan.fresh["var_sink"].shape[1], real(plan))) or seen[-1][1])
+    engine.attention_impl = "torch"
+    skipping = engine.generate(images, prompts, **kw)
+    assert any(t == 1 and 0 < sum(s[:3]) < 3 for t, s in seen)  # decode steps skip layers
+    seen.clear()
+    engine.attention_impl = "auto"
+    loops = engine.generate(images, prompts, **kw)
+    assert seen and all(t > 1 for t, _ in seen)  # asked at the prefill only
+    assert [r.token_ids for r in loops] == [r.token_ids for r in skipping]
+    for a, b in zip(loops, skipping):
         for x, y in zip(a.logprobs, b.logprobs):
             assert abs(x.logprob - y.logprob) <= 1e-5

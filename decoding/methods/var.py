@@ -25,7 +25,10 @@ code's. ``p = 1`` is the baseline.
 On float32 CPU tensors with numba installed (and the engine's ``attention_impl`` at ``"auto"``),
 the sink flags and the decode-step rule run as compiled loops (:mod:`veridical.kernels.cpu`):
 the same values, without the ~30 tensor operations per layer whose dispatch outweighs their
-arithmetic on small models. ``attention_impl="torch"`` keeps the torch route.
+arithmetic on small models. ``attention_impl="torch"`` keeps the torch route. At a decode step
+the loops do not ask :func:`may_have_image_sinks` (one new token's flags, and the rule's own
+per-row check, cost less than the question): they flag the new token in every layer from the
+first sink layer on, and the rule leaves rows without an image sink as they are.
 """
 
 from __future__ import annotations
@@ -92,12 +95,14 @@ class VAREdit(AttentionEdit):
                                  rho=self.rho, summ=self.summ, scale_text=False)}
 
     def edit_probs(self, layer, probs, plan):
+        if cpu.serves(probs, plan.impl):  # one fused loop instead of ~30 small ops; it leaves
+            # rows without an image sink in this layer as they are
+            keys = plan.remember("var_decode_keys", lambda: cpu.decode_keys(
+                plan.image_keys, plan.key_state.get("var_sink"), plan.fresh["var_sink"],
+                plan.index))
+            return cpu.var_decode(probs, keys, layer, self.p, self.rho, self.summ)
         if not may_have_image_sinks(plan)[layer]:  # no image sink in this layer: nothing to do
             return probs
-        if cpu.serves(probs, plan.impl):  # one fused loop instead of ~30 small ops
-            return cpu.var_decode(probs, plan.image_keys, plan.key_state.get("var_sink"),
-                                  plan.fresh["var_sink"], layer, plan.index, self.p, self.rho,
-                                  self.summ)
         image = plan.keys().to(probs.device)
         sink = plan.key_flags("var_sink", layer).to(probs.device)
         sink = sink if plan.all_rows else sink[plan.index]
@@ -185,9 +190,13 @@ def sink_hooks(engine, dims: list[int], tau: float) -> list:
             if flags is None:
                 flags = torch.zeros(*hidden.shape[:2], len(layers), dtype=torch.bool)
                 plan.fresh["var_sink"] = flags
-            if layer_idx < first or not may_have_image_sinks(plan)[layer_idx]:
+            if layer_idx < first:
                 return
-            if cpu.serves(hidden, plan.impl):  # one fused loop
+            loop = cpu.serves(hidden, plan.impl)
+            # a decode step's flags cost the loop less than asking whether they are needed
+            if not (loop and hidden.shape[1] == 1) and not may_have_image_sinks(plan)[layer_idx]:
+                return
+            if loop:
                 cpu.sink_flags_(hidden, index_np, threshold, RMS_EPS, flags, layer_idx)
             else:
                 phi = rms_abs(hidden, dims=index.to(hidden.device))
