@@ -107,6 +107,7 @@ class DecodingConfig:
     early_stopping: bool | str = False
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: off; k: each token's logprob and the top k
+    ignore_eos: bool = False  # EOS does not end a request (benchmarks: equal lengths)
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> InputError:
@@ -133,6 +134,10 @@ class DecodingConfig:
             raise bad("early_stopping", "True, False or 'never'")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a non-empty string or a list of them")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "True or False")
+        if self.ignore_eos and self.num_beams > 1:
+            raise InputError("ignore_eos needs num_beams=1: beam search ends beams at EOS")
         if self.logprobs is not None:
             if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
                 raise bad("logprobs", f"None, or an integer from 0 to {MAX_TOP_LOGPROBS}")
@@ -404,13 +409,16 @@ class Engine:
         seed: int | Sequence[int] | None = None,
         stop: str | Sequence[str] | None = None,
         logprobs: int | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one request (``prompts`` a string) or a batch (a list of strings).
 
         ``images`` is a PIL image, a path or None per request (a single value for one request).
         ``seed`` is one integer for every request or one per request; with ``seed=None``
         sampling is unseeded. ``logprobs=k`` adds each token's log-probability and its top ``k``
-        alternatives (module docstring). Returns one :class:`GenerationResult` per request.
+        alternatives (module docstring). ``ignore_eos=True`` decodes every request to
+        ``max_new_tokens`` (EOS does not end it; greedy decoding and sampling), as speed
+        benchmarks need. Returns one :class:`GenerationResult` per request.
         """
         single = isinstance(prompts, str)
         prompt_list = [prompts] if single else list(prompts)
@@ -432,7 +440,7 @@ class Engine:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         config = DecodingConfig(
             max_new_tokens, do_sample, temperature, top_p, top_k, num_beams, length_penalty,
-            early_stopping, stops, logprobs,
+            early_stopping, stops, logprobs, ignore_eos,
         )
         requests = [self.request(img, p, i) for i, (img, p) in enumerate(zip(image_list, prompt_list))]
         seeds = _request_seeds(seed, len(requests))
@@ -471,6 +479,9 @@ class Engine:
         if config.logprobs is not None and custom is not None:
             raise InputError(f"logprobs are not available with {method.name!r}: its search "
                              "chooses whole sequences; leave logprobs unset")
+        if config.ignore_eos and custom is not None:
+            raise InputError(f"ignore_eos is not available with {method.name!r}: its search "
+                             "ends beams at EOS; leave ignore_eos unset")
         branches = method.branches()
         info = RowInfo(["main"] + [b.name for b in branches], n_slots=len(requests))
         edits = method.attention_edits(self)
@@ -572,7 +583,7 @@ class Engine:
         return method.combine(blocks[0], dict(zip(names[1:], blocks[1:])), step)
 
     def _finished(self, token_ids: list[int], config: DecodingConfig) -> str | None:
-        if token_ids and token_ids[-1] in self.eos_ids:
+        if token_ids and token_ids[-1] in self.eos_ids and not config.ignore_eos:
             return "stop"
         if config.stop:
             text = self.tokenizer.decode(token_ids, skip_special_tokens=True)

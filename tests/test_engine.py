@@ -208,6 +208,26 @@ def test_logprobs_refused_with_beams_and_search_methods(images, prompts):
         engine.generate(images[0], prompts[0], logprobs=21)
 
 
+def test_ignore_eos_decodes_max_new_tokens_and_is_refused_with_searches(images, prompts):
+    from veridical.bench import bench_images
+
+    engine = veridical.load("builtin:synthcoco-llava")  # answers yes/no questions in 2 tokens
+    image, prompt = bench_images(1)[0], "is there a cup in the image ?"
+    short = engine.generate(image, prompt, max_new_tokens=6)
+    assert short.finish_reason == "stop" and short.token_ids[-1] in engine.eos_ids
+    assert len(short.token_ids) < 6
+    long = engine.generate(image, prompt, max_new_tokens=6, ignore_eos=True)
+    assert long.finish_reason == "length" and len(long.token_ids) == 6
+    assert long.token_ids[: len(short.token_ids)] == short.token_ids  # the same steps, then on
+    tiny = tiny_engine("llava")
+    with pytest.raises(veridical.InputError, match="num_beams=1"):
+        tiny.generate(images[0], prompts[0], num_beams=2, ignore_eos=True)
+    with pytest.raises(veridical.InputError, match="ignore_eos is not available with 'opera'"):
+        tiny.generate(images[0], prompts[0], method="opera", ignore_eos=True)
+    with pytest.raises(veridical.InputError, match="ignore_eos=1"):
+        tiny.generate(images[0], prompts[0], ignore_eos=1)
+
+
 def test_on_token_streams_each_token_and_can_cancel_one_request(images, prompts):
     engine = tiny_engine("qwen2-vl")
     method = resolve("none")
