@@ -68,6 +68,28 @@ def test_bench_methods_reports_ratios_to_the_baseline(capsys):
     assert rows[0]["first_token_ratio"] == rows[0]["decode_per_token_ratio"] == 1.0
     assert all(r["tokens"] == 16 and r["time_per_token_ratio"] > 0 for r in rows)
     assert all(r["first_token_ratio"] > 0 and r["decode_per_token_ratio"] > 0 for r in rows)
+    assert all(r["decode_timing"] == "timestamps" for r in rows)  # every contender streams
+
+
+def test_bench_decode_timing_from_timestamps_and_its_fallback(images, prompts):
+    from tests.conftest import tiny_engine
+    from veridical import bench
+
+    engine = tiny_engine("llava")
+    tokens, decode = bench._method_call(engine, images[:2], prompts[:2], 5)
+    assert tokens == 10 and decode > 0  # greedy: timed from the tokens' timestamps
+    tokens, decode = bench._method_call(engine, images[:2], prompts[:2], 5, num_beams=2)
+    assert tokens == 10 and decode is None  # beam search knows its tokens only at the end
+    # rounds of (wall time, (tokens, decode s/token)); first-token calls decode nothing
+    calls = {"none": [(1.0, (9, 0.10)), (1.2, (9, 0.20)), (0.9, (9, 0.10))],
+             "a": [(1.5, (9, 0.15)), (1.1, (9, 0.24)), (1.4, (9, 0.40))],
+             "beam": [(2.0, (9, None)), (1.8, (9, None)), (2.2, (9, None))]}
+    calls |= {(name, "first"): [(0.5, (1, None))] * 3 for name in list(calls)}
+    timed = bench._best(calls)
+    assert bench._decode_ratio(calls, timed, "a", "none") == (pytest.approx(1.5), "timestamps")
+    # the split estimator from the best calls: (1.8 - 0.5) / 8 against (0.9 - 0.5) / 8
+    assert bench._decode_ratio(calls, timed, "beam", "none") == (pytest.approx(1.3 / 0.4),
+                                                                "split")
 
 
 def test_bench_method_specs_parse_and_name_a_bad_one():

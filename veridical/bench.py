@@ -7,9 +7,14 @@ baseline's, on the same model, requests and batch sizes, greedy; search strategi
 beams) also against our beam search with 5 beams. Besides the whole call's time per token, it
 splits the call: the first token (prefill, plus a method's own set-up forwards such as VHR's
 text-only prefill), timed by a run with ``max_new_tokens=1``, and the decoding after it, per
-token: ``(t_full - t_first) / (n_full - n_first)``.
-Both alternate the contenders several times and keep each one's best time, so that machine
-noise hits all alike.
+token. The decoding is timed inside each call from the tokens' timestamps (``on_token``): from
+the moment every request has its first token to the last token, over the tokens in between. Its
+ratio is the median, over the rounds, of the ratio of the two calls that ran back to back in that
+round. Searches that know their tokens only at the end (beam search, OPERA) have no timestamps;
+for them, and for their ratios, the decoding is ``(t_full - t_first) / (n_full - n_first)`` from
+the best times (``decode_timing: "split"`` in the rows; ``"timestamps"`` otherwise).
+Both alternate the contenders several times (so that the machine's drift hits all alike); the
+whole-call and first-token times are each contender's best.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .decoding.engine import DecodingConfig
 from .decoding.inputs import collate, encode
+from .decoding.registry import resolve
 from .errors import InputError
 
 PROMPTS = (
@@ -55,18 +63,28 @@ def _hf_tokens(engine, images, prompts, max_new_tokens: int) -> int:
     return int((~after_eos).sum())
 
 
-def time_alternating(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, tuple[float, int]]:
-    """Best wall time and token count of each function, run in turns after one warm-up each."""
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[tuple[float, Any]]]:
+    """Each function's ``(wall time, result)`` per round: one warm-up each, then ``repeats``
+    rounds that run them in turn."""
     for fn in fns.values():
         fn()
-    best = {name: (float("inf"), 0) for name in fns}
+    calls: dict[str, list[tuple[float, Any]]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            tokens = fn()
-            elapsed = time.perf_counter() - start
-            best[name] = (min(best[name][0], elapsed), tokens)
-    return best
+            result = fn()
+            calls[name].append((time.perf_counter() - start, result))
+    return calls
+
+
+def time_alternating(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, Any]]:
+    """Best wall time of each function, run in turns after one warm-up each, and what that call
+    returned (a token count)."""
+    return _best(alternate(fns, repeats))
+
+
+def _best(calls: dict[str, list[tuple[float, Any]]]) -> dict[str, tuple[float, Any]]:
+    return {name: min(c, key=lambda call: call[0]) for name, c in calls.items()}
 
 
 def bench_engine(engine, batch_sizes: list[int], max_new_tokens: int = 32,
@@ -93,12 +111,31 @@ def bench_engine(engine, batch_sizes: list[int], max_new_tokens: int = 32,
     return rows
 
 
-def _method_tokens(engine, images, prompts, max_new_tokens: int, method: str = "none",
-                   num_beams: int = 1) -> int:
+def _method_call(engine, images, prompts, max_new_tokens: int, method: str = "none",
+                 num_beams: int = 1, ignore_eos: bool = False) -> tuple[int, float | None]:
+    """One call's generated tokens, and its decoding's seconds per token from the tokens'
+    timestamps (module docstring); None when the search reports its tokens only at the end, or
+    no request went past its first token."""
     name, args = method_spec(method)
-    results = engine.generate(images, prompts, method=name, method_args=args,
-                              max_new_tokens=max_new_tokens, num_beams=num_beams)
-    return sum(r.completion_tokens for r in results)
+    built = resolve(name, args)
+    requests = [engine.request(image, prompt, i)
+                for i, (image, prompt) in enumerate(zip(images, prompts))]
+    stamps: list[float] = []
+
+    def stamp(request: int, token: int, entry: Any) -> bool:
+        stamps.append(time.perf_counter())
+        return True
+
+    results = engine.run(requests, built,
+                         DecodingConfig(max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                        ignore_eos=ignore_eos),
+                         [None] * len(requests), on_token=stamp)
+    tokens, n = sum(r.completion_tokens for r in results), len(requests)
+    streams = num_beams == 1 and built.search() is None
+    # the first n stamps are each request's first token, all after the prefill
+    decode = ((stamps[-1] - stamps[n - 1]) / (len(stamps) - n)
+              if streams and len(stamps) > n else None)
+    return tokens, decode
 
 
 def method_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -122,55 +159,63 @@ def applicable_methods(engine) -> list[str]:
     return names
 
 
-def _eager_tokens(engine, images, prompts, max_new_tokens: int = 32) -> int:
+def _eager_call(engine, images, prompts, max_new_tokens: int = 32, ignore_eos: bool = False
+                ) -> tuple[int, float | None]:
     """The baseline with eager attention: the route the reference implementations force."""
     config = engine.model.config
     multimodal = engine.adapter.multimodal
     previous = config.get_text_config()._attn_implementation if multimodal else config._attn_implementation
     engine.model.set_attn_implementation({"text_config": "eager"} if multimodal else "eager")
     try:
-        return _method_tokens(engine, images, prompts, max_new_tokens)
+        return _method_call(engine, images, prompts, max_new_tokens, ignore_eos=ignore_eos)
     finally:
         engine.model.set_attn_implementation(
             {"text_config": previous} if multimodal else previous)
 
 
 def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = None,
-                  max_new_tokens: int = 32, repeats: int = 3) -> list[dict]:
+                  max_new_tokens: int = 32, repeats: int = 3, ignore_eos: bool = False
+                  ) -> list[dict]:
     """One row per (batch size, method): tokens/s and time per token relative to ``none``;
-    ``none (eager)`` is the baseline on eager attention, the references' route."""
+    ``none (eager)`` is the baseline on eager attention, the references' route.
+    ``ignore_eos``: every request decodes ``max_new_tokens`` tokens, so that methods that change
+    the answers' lengths are timed on the same batch widths; searches (OPERA) are left out
+    (they end beams at EOS)."""
     methods = ["none", *[m for m in (methods or applicable_methods(engine)) if m != "none"]]
+    if ignore_eos:
+        methods = [m for m in methods if not _is_search(m)]
     rows = []
     for batch_size in batch_sizes:
         images = bench_images(batch_size)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
         fns: dict = {}
-        contenders = {m: partial(_method_tokens, engine, images, prompts, method=m)
-                      for m in methods}
-        contenders["none (eager)"] = partial(_eager_tokens, engine, images, prompts)
-        searches = [m for m in methods if method_spec(m)[0].startswith("opera")]
+        contenders = {m: partial(_method_call, engine, images, prompts, method=m,
+                                 ignore_eos=ignore_eos) for m in methods}
+        contenders["none (eager)"] = partial(_eager_call, engine, images, prompts,
+                                             ignore_eos=ignore_eos)
+        searches = [m for m in methods if _is_search(m)]
         if searches:  # OPERA is a beam search: also compare with ours at its beams
-            contenders[BEAM] = partial(_method_tokens, engine, images, prompts, method="none",
+            contenders[BEAM] = partial(_method_call, engine, images, prompts, method="none",
                                        num_beams=5)
         for name, fn in contenders.items():
             fns[name] = partial(fn, max_new_tokens=max_new_tokens)
             fns[(name, "first")] = partial(fn, max_new_tokens=1)
-        timed = time_alternating(fns, repeats)
+        calls = alternate(fns, repeats)
+        timed = _best(calls)
 
         base = _split(timed, "none")
         for name in contenders:
-            per_token, first, decode = _split(timed, name)
-            t, n = timed[name]
+            per_token, first, _ = _split(timed, name)
+            t, (n, _) = timed[name]
+            decode, how = _decode_ratio(calls, timed, name, "none")
             row = {"batch_size": batch_size, "method": name, "tokens_per_s": n / t,
                    "tokens": n, "time_per_token_ratio": per_token / base[0],
-                   "first_token_ratio": first / base[1],
-                   "decode_per_token_ratio": (decode / base[2]
-                                              if decode and base[2] else None)}
+                   "first_token_ratio": first / base[1], "decode_per_token_ratio": decode,
+                   "decode_timing": how}
             if name in searches:
                 beam = _split(timed, BEAM)
                 row["time_per_token_vs_beam"] = per_token / beam[0]
-                row["decode_per_token_vs_beam"] = (decode / beam[2]
-                                                   if decode and beam[2] else None)
+                row["decode_per_token_vs_beam"] = _decode_ratio(calls, timed, name, BEAM)[0]
             rows.append(row)
     return rows
 
@@ -178,8 +223,25 @@ def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = No
 BEAM = "none (beam search, 5 beams)"
 
 
+def _is_search(method: str) -> bool:
+    return resolve(*method_spec(method)).search() is not None
+
+
 def _split(timed: dict, name: str) -> tuple[float, float, float | None]:
-    """(time per token of the call, first-token time, decode time per later token; None when
-    there is no later token, or when the machine's noise exceeded the decoding's time)."""
-    (t, n), (t1, n1) = timed[name], timed[(name, "first")]
+    """From the best times: (time per token of the call, first-token time, decode time per
+    later token; None when there is no later token, or when the machine's noise exceeded the
+    decoding's time)."""
+    (t, (n, _)), (t1, (n1, _)) = timed[name], timed[(name, "first")]
     return t / n, t1, ((t - t1) / (n - n1) if n > n1 and t > t1 else None)
+
+
+def _decode_ratio(calls: dict, timed: dict, name: str, base: str
+                  ) -> tuple[float | None, str]:
+    """``name``'s decoding time per token over ``base``'s and how it was timed: the median
+    over rounds of the ratio of their timestamp rates when both stream their tokens, else from
+    the best times (``_split``)."""
+    pairs = [(a[1][1], b[1][1]) for a, b in zip(calls[name], calls[base])]
+    if pairs and all(x is not None and y is not None for x, y in pairs):
+        return float(np.median([x / y for x, y in pairs])), "timestamps"
+    decode, base_decode = _split(timed, name)[2], _split(timed, base)[2]
+    return (decode / base_decode if decode and base_decode else None), "split"

@@ -110,7 +110,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _print_rows(args: argparse.Namespace, rows: list[dict], title: str,
-                columns: list[tuple[str, Any]]) -> None:
+                columns: list[tuple[str, Any]], caption: str | None = None) -> None:
     """Rows as JSON (``--json``) or as a table with ``(header, cell function)`` columns."""
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -118,7 +118,7 @@ def _print_rows(args: argparse.Namespace, rows: list[dict], title: str,
     import torch
 
     table = Table(title=f"{title}, {args.model}, greedy, {args.max_new_tokens} new tokens, "
-                        f"torch threads {torch.get_num_threads()}")
+                        f"torch threads {torch.get_num_threads()}", caption=caption)
     for header, _ in columns:
         table.add_column(header, justify="right")
     for r in rows:
@@ -156,19 +156,24 @@ def cmd_bench_methods(args: argparse.Namespace) -> int:
 
     engine = veridical.load(args.model, device=args.device)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    rows = bench_methods(engine, args.batch_size, methods, args.max_new_tokens, args.repeats)
-    _print_rows(args, rows, "per-token time vs baseline", [
+    rows = bench_methods(engine, args.batch_size, methods, args.max_new_tokens, args.repeats,
+                         args.ignore_eos)
+    title = "per-token time vs baseline" + (", EOS ignored" if args.ignore_eos else "")
+    _print_rows(args, rows, title, [
         ("batch", lambda r: str(r["batch_size"])),
         ("method", lambda r: r["method"]),
         ("tok/s", lambda r: f"{r['tokens_per_s']:.1f}"),
         ("time/token vs none", lambda r: f"{r['time_per_token_ratio']:.2f}x"),
         ("first token vs none", lambda r: f"{r['first_token_ratio']:.2f}x"),
-        ("decode/token vs none", lambda r: _ratio(r["decode_per_token_ratio"])),
-        ("vs beam search (time/token; decode/token)",
+        ("decode/token vs none", lambda r: _ratio(r["decode_per_token_ratio"])
+         + ("*" if r["decode_timing"] == "split" else "")),
+        ("vs beam search (time/token; decode/token*)",
          lambda r: f"{r['time_per_token_vs_beam']:.2f}x; "
                    f"{_ratio(r['decode_per_token_vs_beam'])}" if "time_per_token_vs_beam" in r
          else ""),
-    ])
+    ], caption="decode/token: median over rounds of the per-round ratio of the decoding's "
+               "time per token, from the tokens' timestamps; * searches that report their "
+               "tokens only at the end: (best call - best first-token call) / later tokens")
     return 0
 
 
@@ -222,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "runs a method away from its defaults, e.g. pai:gamma=1")
     meth_b.add_argument("--max-new-tokens", type=int, default=32)
     meth_b.add_argument("--repeats", type=int, default=3)
+    meth_b.add_argument("--ignore-eos", action="store_true",
+                        help="every request decodes --max-new-tokens tokens (EOS does not end "
+                             "it), so methods that change answer lengths are timed on the same "
+                             "batch widths; leaves out searches (OPERA)")
     meth_b.add_argument("--device", default=None)
     meth_b.add_argument("--json", action="store_true")
     meth_b.set_defaults(func=cmd_bench_methods)
