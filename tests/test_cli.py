@@ -69,6 +69,7 @@ def test_bench_methods_reports_ratios_to_the_baseline(capsys):
     assert all(r["tokens"] == 16 and r["time_per_token_ratio"] > 0 for r in rows)
     assert all(r["first_token_ratio"] > 0 and r["decode_per_token_ratio"] > 0 for r in rows)
     assert all(r["decode_timing"] == "timestamps" for r in rows)  # every contender streams
+    assert rows[0]["decode_per_token_ratio_split"] == 1.0  # the other estimator, beside it
 
 
 def test_bench_decode_timing_from_timestamps_and_its_fallback(images, prompts):

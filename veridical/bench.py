@@ -12,7 +12,8 @@ the moment every request has its first token to the last token, over the tokens 
 ratio is the median, over the rounds, of the ratio of the two calls that ran back to back in that
 round. Searches that know their tokens only at the end (beam search, OPERA) have no timestamps;
 for them, and for their ratios, the decoding is ``(t_full - t_first) / (n_full - n_first)`` from
-the best times (``decode_timing: "split"`` in the rows; ``"timestamps"`` otherwise).
+the best times (``decode_timing: "split"`` in the rows; ``"timestamps"`` otherwise). Every row
+also carries that split estimate as ``decode_per_token_ratio_split``, to compare the two.
 Both alternate the contenders several times (so that the machine's drift hits all alike); the
 whole-call and first-token times are each contender's best.
 """
@@ -205,13 +206,16 @@ def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = No
 
         base = _split(timed, "none")
         for name in contenders:
-            per_token, first, _ = _split(timed, name)
+            per_token, first, split = _split(timed, name)
             t, (n, _) = timed[name]
             decode, how = _decode_ratio(calls, timed, name, "none")
             row = {"batch_size": batch_size, "method": name, "tokens_per_s": n / t,
                    "tokens": n, "time_per_token_ratio": per_token / base[0],
                    "first_token_ratio": first / base[1], "decode_per_token_ratio": decode,
-                   "decode_timing": how}
+                   "decode_timing": how,
+                   # the split estimator for every contender, to compare the two
+                   "decode_per_token_ratio_split": (split / base[2]
+                                                    if split and base[2] else None)}
             if name in searches:
                 beam = _split(timed, BEAM)
                 row["time_per_token_vs_beam"] = per_token / beam[0]
