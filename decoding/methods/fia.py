@@ -49,11 +49,12 @@ def select_tokens(early: torch.Tensor, late: torch.Tensor, ratio: float
     return top & ~bottom, bottom
 
 
-def fia_factor(sets: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """Per-head factors (n, H, 1, kv) of ``boost_logits``: ``alpha_h`` on top keys, ``beta_h`` on
-    bottom keys, 0 elsewhere, from ``sets`` (n, kv, 2) = (top, bottom) as 0/1 and
-    ``coefficients`` (2, H) = (alpha_h, beta_h). The sets are disjoint, so each entry is exact."""
-    return torch.matmul(sets, coefficients).transpose(1, 2)[:, :, None, :]
+def fia_factors(sets: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Per-layer, per-head factors (L, n, H, 1, kv) of ``boost_logits``: ``alpha_h`` on top keys,
+    ``beta_h`` on bottom keys, 0 elsewhere, from ``sets`` (n, kv, 2) = (top, bottom) as 0/1 and
+    ``coefficients`` (L, 2, H) = (alpha_h, beta_h) per layer. The sets are disjoint, so each
+    entry is exact."""
+    return torch.matmul(sets, coefficients[:, None]).transpose(2, 3)[:, :, :, None, :]
 
 
 def cls_attention(engine, requests, layers: tuple[int, int]) -> list[torch.Tensor]:
@@ -112,10 +113,10 @@ class FIAEdit(AttentionEdit):
         return out[0], out[1]
 
     def edit_logits(self, layer, logits, plan):
-        sets = plan.remember("fia_sets_float", lambda: torch.stack(
-            self._sets(plan, logits.device), dim=-1).to(logits.dtype))  # (n, kv, 2)
-        coefficients = self.coefficients[layer].to(logits.device, logits.dtype)
-        return boost_logits(logits, fia_factor(sets, coefficients))
+        factors = plan.remember("fia_factors", lambda: fia_factors(  # every layer's, once
+            torch.stack(self._sets(plan, logits.device), dim=-1).to(logits.dtype),
+            self.coefficients.to(logits.device, logits.dtype)))
+        return boost_logits(logits, factors[layer])
 
     def kernel_args(self, layer, inputs, plan):
         # alpha_h * top + beta_h * bottom = m_h * (alpha * top + beta * bottom)
