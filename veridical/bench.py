@@ -206,7 +206,7 @@ def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = No
 
         base = _split(timed, "none")
         for name in contenders:
-            per_token, first, split = _split(timed, name)
+            per_token, first, _ = _split(timed, name)
             t, (n, _) = timed[name]
             decode, how = _decode_ratio(calls, timed, name, "none")
             row = {"batch_size": batch_size, "method": name, "tokens_per_s": n / t,
@@ -214,8 +214,7 @@ def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = No
                    "first_token_ratio": first / base[1], "decode_per_token_ratio": decode,
                    "decode_timing": how,
                    # the split estimator for every contender, to compare the two
-                   "decode_per_token_ratio_split": (split / base[2]
-                                                    if split and base[2] else None)}
+                   "decode_per_token_ratio_split": _split_ratio(timed, name, "none")}
             if name in searches:
                 beam = _split(timed, BEAM)
                 row["time_per_token_vs_beam"] = per_token / beam[0]
@@ -247,5 +246,10 @@ def _decode_ratio(calls: dict, timed: dict, name: str, base: str
     pairs = [(a[1][1], b[1][1]) for a, b in zip(calls[name], calls[base])]
     if pairs and all(x is not None and y is not None for x, y in pairs):
         return float(np.median([x / y for x, y in pairs])), "timestamps"
+    return _split_ratio(timed, name, base), "split"
+
+
+def _split_ratio(timed: dict, name: str, base: str) -> float | None:
+    """``name``'s decode time per token over ``base``'s, both from the best times."""
     decode, base_decode = _split(timed, name)[2], _split(timed, base)[2]
-    return (decode / base_decode if decode and base_decode else None), "split"
+    return decode / base_decode if decode and base_decode else None
