@@ -4,7 +4,9 @@ Contract: ``Engine.generate`` runs many requests, and every extra branch a metho
 batched forward per step. A request's output never depends on what else is in the batch: rows are
 left-padded with attention masks and position ids (Qwen's multimodal rope included) computed the
 way ``model.generate`` computes them, each row has its own KV cache entry, sampling draws from a
-per-request ``torch.Generator``, and finished requests leave the batch. Greedy decoding equals
+per-request ``torch.Generator``, and finished requests leave the batch. Everything random about
+a request derives from its seed alone (decoding/seeds.py); a request given no seed gets a fresh
+one, reported as ``GenerationResult.seed``. Greedy decoding equals
 ``model.generate(do_sample=False)`` token for token and beam search equals transformers' beam
 search (same candidate selection, length penalty and early-stopping heuristic).
 
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,8 @@ from .inputs import collate, encode
 from .method import Method, Request, RowInfo
 from .registry import resolve
 from .sampling import sample, warp
+from .seeds import derive_seed, fresh_seed, request_seeds
+from .stops import cut_at_stop, has_stop
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ class GenerationResult:
     completion_tokens: int
     image_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # one per token, with DecodingConfig.logprobs
+    seed: int | None = None  # the seed the request ran with (decoding/seeds.py): replays it
 
 
 @dataclass(frozen=True)
@@ -406,7 +410,7 @@ class Engine:
         num_beams: int = 1,
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
-        seed: int | Sequence[int] | None = None,
+        seed: int | Sequence[int | None] | None = None,
         stop: str | Sequence[str] | None = None,
         logprobs: int | None = None,
         ignore_eos: bool = False,
@@ -414,8 +418,8 @@ class Engine:
         """Generate for one request (``prompts`` a string) or a batch (a list of strings).
 
         ``images`` is a PIL image, a path or None per request (a single value for one request).
-        ``seed`` is one integer for every request or one per request; with ``seed=None``
-        sampling is unseeded. ``logprobs=k`` adds each token's log-probability and its top ``k``
+        ``seed`` is one integer for every request or one per request; ``None`` (or a None
+        entry) draws a fresh seed, returned as ``result.seed`` (decoding/seeds.py). ``logprobs=k`` adds each token's log-probability and its top ``k``
         alternatives (module docstring). ``ignore_eos=True`` decodes every request to
         ``max_new_tokens`` (EOS does not end it; greedy decoding and sampling), as speed
         benchmarks need. Returns one :class:`GenerationResult` per request.
@@ -443,7 +447,7 @@ class Engine:
             early_stopping, stops, logprobs, ignore_eos,
         )
         requests = [self.request(img, p, i) for i, (img, p) in enumerate(zip(image_list, prompt_list))]
-        seeds = _request_seeds(seed, len(requests))
+        seeds = request_seeds(seed, len(requests))
         results = self.run(requests, resolve(method, method_args), config, seeds)
         return results[0] if single else results
 
@@ -473,8 +477,9 @@ class Engine:
         on_done: DoneCallback | None = None,
         admit: AdmitCallback | None = None,
     ) -> list[GenerationResult]:
-        """Decode validated requests with a built method; ``on_token``, ``on_done`` and
-        ``admit``: see the module docstring."""
+        """Decode validated requests with a built method, one seed per request (None: a fresh
+        one); ``on_token``, ``on_done`` and ``admit``: see the module docstring."""
+        seeds = [fresh_seed() if s is None else s for s in seeds]
         custom = method.search()
         if config.logprobs is not None and custom is not None:
             raise InputError(f"logprobs are not available with {method.name!r}: its search "
@@ -489,7 +494,7 @@ class Engine:
         prompt_tokens: list[int] = []
         image_tokens: list[int] = []
 
-        def start(new: list[Request], new_seeds: list[int | None]) -> _Rows:
+        def start(new: list[Request], new_seeds: list[int]) -> _Rows:
             """The rows of ``new`` (and of their branches), collated, ready to prefill."""
             rows = [self._encode(r) for r in new] + self.branch_rows(new, branches, new_seeds)
             prompt_tokens.extend(int(r["attention_mask"].sum()) for r in rows[: len(new)])
@@ -505,22 +510,24 @@ class Engine:
         search = custom or (_beam_search if config.num_beams > 1 else _sample_or_greedy)
         results: list[GenerationResult | None] = [None] * len(requests)
 
-        def join(n_live: int) -> tuple[_Rows, list[int | None]] | None:
+        def join(n_live: int) -> tuple[_Rows, list[int]] | None:
             new = list(admit(n_live)) if admit is not None else []
             if not new:
                 return None
-            new_requests, new_seeds = [r for r, _ in new], [sd for _, sd in new]
+            new_requests = [r for r, _ in new]
+            new_seeds = [fresh_seed() if sd is None else sd for _, sd in new]
+            seeds.extend(new_seeds)
             results.extend([None] * len(new))
             return start(new_requests, new_seeds), new_seeds
 
         def finish(request: int, output: tuple) -> None:
             ids, reason, *logprobs = output
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if config.stop:
-                text, reason = _cut_at_stop(text, config.stop, reason)
+            text, stopped = cut_at_stop(text, config.stop)
             results[request] = GenerationResult(
-                text.strip(), ids, reason, prompt_tokens[request], len(ids),
-                image_tokens[request], logprobs[0] if logprobs else None)
+                text.strip(), ids, "stop" if stopped else reason, prompt_tokens[request],
+                len(ids), image_tokens[request], logprobs[0] if logprobs else None,
+                seeds[request])
             if on_done is not None:
                 on_done(request, results[request])
 
@@ -548,14 +555,14 @@ class Engine:
                 finish(request, output)
         return results
 
-    def branch_rows(self, requests: list[Request], branches: list, seeds: list[int | None]
+    def branch_rows(self, requests: list[Request], branches: list, seeds: list[int]
                     ) -> list[dict[str, torch.Tensor]]:
-        """Encoded rows of every branch (branch-major), each built with its request's
-        generator (``seed``, or 0) so that random branches are reproducible per request."""
+        """Encoded rows of every branch (branch-major), each built with its own generator,
+        seeded from its request's seed and the branch's name (decoding/seeds.py)."""
         rows = []
         for branch in branches:
             for request, seed in zip(requests, seeds):
-                rng = torch.Generator().manual_seed(seed if seed is not None else 0)
+                rng = torch.Generator().manual_seed(derive_seed(seed, "branch", branch.name))
                 row = self._encode(branch.make(request, rng))
                 if branch.on_pixels is not None and "pixel_values" in row:
                     row["pixel_values"] = branch.on_pixels(row["pixel_values"], rng)
@@ -585,10 +592,9 @@ class Engine:
     def _finished(self, token_ids: list[int], config: DecodingConfig) -> str | None:
         if token_ids and token_ids[-1] in self.eos_ids and not config.ignore_eos:
             return "stop"
-        if config.stop:
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            if any(s in text for s in config.stop):
-                return "stop"
+        if config.stop and has_stop(self.tokenizer.decode(token_ids, skip_special_tokens=True),
+                                    config.stop):
+            return "stop"
         if len(token_ids) >= config.max_new_tokens:
             return "length"
         return None
@@ -596,23 +602,6 @@ class Engine:
 
 def _as_list(x: Any) -> list[int]:
     return list(x) if isinstance(x, (list, tuple)) else [int(x)]
-
-
-def _request_seeds(seed: int | Sequence[int] | None, n: int) -> list[int | None]:
-    if seed is None:
-        return [None] * n
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != n or not all(_is_int(s) for s in seed):
-            raise InputError(f"seed must be one integer or {n} integers (one per request)")
-        return list(seed)
-    if not _is_int(seed):
-        raise InputError(f"seed={seed!r} must be an integer")
-    return [seed] * n
-
-
-def _cut_at_stop(text: str, stops: tuple[str, ...], reason: str) -> tuple[str, str]:
-    hits = [text.find(s) for s in stops if s in text]
-    return (text[: min(hits)], "stop") if hits else (text, reason)
 
 
 def _token_logprobs(scores: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
@@ -625,25 +614,24 @@ def _token_logprobs(scores: torch.Tensor, chosen: torch.Tensor, k: int) -> list[
 
 
 def _sample_or_greedy(engine: Engine, state: _Rows, method: Method, n_branches: int,
-                      config: DecodingConfig, seeds: list[int | None],
+                      config: DecodingConfig, seeds: list[int],
                       on_token: TokenCallback | None = None,
                       on_finish: Callable[[int, tuple], None] | None = None,
-                      join: Callable[[int], tuple[_Rows, list[int | None]] | None] | None = None,
+                      join: Callable[[int], tuple[_Rows, list[int]] | None] | None = None,
                       ) -> list[tuple]:
     """Greedy decoding or sampling; ``on_finish(request, output)`` as each request ends
     (``output`` as in the returned list: ``(ids, reason)``, plus the logprobs when asked);
     ``join(n_live)``: newcomers' unprefilled rows and seeds, or None (module docstring)."""
-    generators: list[torch.Generator] = []
+    generators: list[torch.Generator] = []  # one per request, from its (resolved) seed
     tokens_of: list[list[int]] = []
     logprobs_of: list[list[TokenLogprob]] = []
     reasons: list[str] = []
 
-    def add(new_seeds: list[int | None]) -> list[int]:
+    def add(new_seeds: list[int]) -> list[int]:
         """Book-keeping for new requests; their indices."""
         first = len(tokens_of)
         for seed in new_seeds:
-            generators.append(torch.Generator().manual_seed(
-                seed if seed is not None else secrets.randbits(63)))
+            generators.append(torch.Generator().manual_seed(seed))
             tokens_of.append([])
             logprobs_of.append([])
             reasons.append("length")
@@ -833,7 +821,7 @@ class Beams:
 
 
 def _beam_search(engine: Engine, state: _Rows, method: Method, n_branches: int,
-                 config: DecodingConfig, seeds: list[int | None]) -> list[tuple[list[int], str]]:
+                 config: DecodingConfig, seeds: list[int]) -> list[tuple[list[int], str]]:
     """transformers' beam search, per request, with finished requests leaving the batch."""
     n, nb = len(seeds), config.num_beams
     logits = state.prefill()  # (nb_branches * n, V): one row per request and branch

@@ -40,6 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from veridical.decoding.seeds import derive_seed
 from veridical.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -356,10 +357,15 @@ def run_settings(args: argparse.Namespace, bench: Benchmark) -> dict[str, Any]:
         "decoding": {
             "max_new_tokens": bench.max_new_tokens, "do_sample": args.do_sample,
             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-            "num_beams": args.num_beams, "seed": args.seed,
+            "num_beams": args.num_beams, "seed": run_seed(args),
         },
         "limit": args.limit,
     }
+
+
+def run_seed(args: argparse.Namespace) -> int:
+    """The run's seed; item ``id`` runs with ``derive_seed(run_seed, "item", id)``."""
+    return 0 if args.seed is None else args.seed
 
 
 def _distributed() -> tuple[int, int, Any]:
@@ -416,8 +422,8 @@ def evaluate(args: argparse.Namespace, engine: Any = None, quiet: bool = False) 
         engine = veridical.load(args.model, device=device)
     kwargs = decoding_kwargs(args)
     kwargs["max_new_tokens"] = bench.max_new_tokens
-    _generate_all(engine, bench, mine, kwargs, args.batch_size, log, show=rank == 0,
-                  total=len(items) // world)
+    _generate_all(engine, bench, mine, kwargs, run_seed(args), args.batch_size, log,
+                  show=rank == 0, total=len(items) // world)
 
     if state is not None:
         state.wait_for_everyone()
@@ -458,7 +464,9 @@ def _check_images(items: list[Item], skip: bool) -> tuple[list[Item], dict[str, 
 
 
 def _generate_all(engine, bench: Benchmark, items: list[Item], kwargs: dict[str, Any],
-                  batch_size: int, log: SampleLog, show: bool, total: int) -> None:
+                  seed: int, batch_size: int, log: SampleLog, show: bool, total: int) -> None:
+    """Generate ``items`` in batches, each with its own seed (from the run ``seed`` and its
+    id: the same at any batch size, process count or resume), appending to ``log``."""
     from tqdm import tqdm
 
     if batch_size < 1:
@@ -467,12 +475,13 @@ def _generate_all(engine, bench: Benchmark, items: list[Item], kwargs: dict[str,
                unit="item", disable=not show, dynamic_ncols=True)
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
+        seeds = [derive_seed(seed, "item", it.id) for it in batch]
         results = engine.generate([it.image() for it in batch], [it.prompt for it in batch],
-                                  **kwargs)
+                                  **{**kwargs, "seed": seeds})
         log.append(
             {"id": it.id, "prompt": it.prompt, "output": r.text, "answer": bench.parse(r.text),
              "finish_reason": r.finish_reason, "completion_tokens": r.completion_tokens,
-             "meta": it.meta}
+             "seed": r.seed, "meta": it.meta}
             for it, r in zip(batch, results)
         )
         bar.update(len(batch))
@@ -626,7 +635,8 @@ def add_subcommands(subparsers: Any) -> None:
         p.add_argument("--device", default=None)
         p.add_argument("--skip-bad-lines", action="store_true",
                        help="skip (and count) malformed data lines instead of stopping")
-        add_decoding_args(p)
+        add_decoding_args(p, seed_help="run seed: each item's seed derives from it and the "
+                          "item's id (recorded per sample); default 0")
         p.set_defaults(max_new_tokens=None)
         if name == "pope":
             p.add_argument("--parser", default=None, help="answer parser: pope (default), opera")

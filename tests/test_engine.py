@@ -268,8 +268,9 @@ def test_requests_joining_a_running_batch_give_their_tokens_alone(arch, method, 
     engine = tiny_engine(arch)
     requests = [engine.request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
     config = DecodingConfig(max_new_tokens=8)
-    alone = [engine.run([r], resolve(method, args), config, [None])[0] for r in requests]
-    waiting = [(r, None) for r in requests[1:]]
+    alone = [engine.run([r], resolve(method, args), config, [n])[0]
+             for n, r in enumerate(requests)]
+    waiting = [(r, n) for n, r in enumerate(requests) if n > 0]  # (request, its seed)
     live: list[int] = []
 
     def admit(n_live: int) -> list:
@@ -280,9 +281,10 @@ def test_requests_joining_a_running_batch_give_their_tokens_alone(arch, method, 
         return new
 
     done: dict[int, object] = {}
-    results = engine.run(requests[:1], resolve(method, args), config, [None],
+    results = engine.run(requests[:1], resolve(method, args), config, [0],
                          on_done=lambda i, r: done.setdefault(i, r), admit=admit)
     assert not waiting and live[:6] == [1, 2, 2, 4, 4, 4]
+    assert [r.seed for r in results] == [0, 1, 2, 3]
     assert [r.token_ids for r in results] == [a.token_ids for a in alone]
     assert [r.prompt_tokens for r in results] == [a.prompt_tokens for a in alone]
     assert done == dict(enumerate(results))  # each answered once, with its result
@@ -341,7 +343,7 @@ def test_requests_waiting_when_the_whole_batch_finishes_still_run(images, prompt
     engine = tiny_engine("llava")
     requests = [engine.request(i, p, n) for n, (i, p) in enumerate(zip(images, prompts))]
     config = DecodingConfig(max_new_tokens=2)  # every row ends at the same step
-    waiting = [(r, None) for r in requests[2:]]
+    waiting = [(r, n) for n, r in enumerate(requests) if n >= 2]  # (request, its seed)
     asked: list[int] = []
 
     def admit(n_live: int) -> list:
@@ -352,8 +354,8 @@ def test_requests_waiting_when_the_whole_batch_finishes_still_run(images, prompt
         del waiting[:1]
         return new
 
-    results = engine.run(requests[:2], resolve("vcd"), config, [None, None], admit=admit)
-    alone = [engine.run([r], resolve("vcd"), config, [None])[0] for r in requests]
+    results = engine.run(requests[:2], resolve("vcd"), config, [0, 1], admit=admit)
+    alone = [engine.run([r], resolve("vcd"), config, [n])[0] for n, r in enumerate(requests)]
     assert [r.token_ids for r in results] == [a.token_ids for a in alone]
     assert asked == [2, 2, 0, 1, 0, 1, 0]  # the drained batch asked, one at a time
 

@@ -43,7 +43,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def add_decoding_args(parser: argparse.ArgumentParser) -> None:
+def add_decoding_args(parser: argparse.ArgumentParser, seed_help: str | None = None) -> None:
     parser.add_argument("--method", default="none", help="mitigation, e.g. vcd or vhr+vcd")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets",
                         help="method parameter (repeatable), e.g. --set alpha=1")
@@ -53,7 +53,9 @@ def add_decoding_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None,
+                        help=seed_help or "random seed (sampling, random branches); default: a "
+                                          "fresh one, printed with --json")
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:

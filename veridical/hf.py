@@ -30,6 +30,7 @@ from veridical.adapters import adapter_for
 from veridical.decoding.engine import Engine, _Rows
 from veridical.decoding.method import Request, RowInfo
 from veridical.decoding.registry import resolve
+from veridical.decoding.seeds import request_seeds
 from veridical.errors import InputError
 from veridical.images import load_image
 
@@ -76,7 +77,7 @@ class BranchLogitsProcessor(LogitsProcessor):
 
 
 def logits_processor(method: str, engine_or_model: Any, inputs: dict[str, Sequence],
-                     processor: Any = None, seed: int | Sequence[int] | None = None,
+                     processor: Any = None, seed: int | Sequence[int | None] | None = None,
                      **args: Any) -> BranchLogitsProcessor:
     """Build ``method`` (with ``args``) as a ``LogitsProcessor`` for ``model.generate``."""
     if isinstance(engine_or_model, Engine):
@@ -94,7 +95,7 @@ def logits_processor(method: str, engine_or_model: Any, inputs: dict[str, Sequen
         raise InputError(f"inputs has {len(images)} images for {len(prompts)} prompts")
     requests = [Request(load_image(i) if i is not None else None, p)
                 for i, p in zip(images, prompts)]
-    seeds = [seed] * len(prompts) if seed is None or isinstance(seed, int) else list(seed)
+    seeds = request_seeds(seed, len(prompts))
     built = resolve(method, args)
     if built.search() is not None:
         raise InputError(

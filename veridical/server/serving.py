@@ -10,7 +10,9 @@ field and the limit, before any engine work):
 - ``model`` must be the served name (404 otherwise, as OpenAI answers an unknown model).
 - Decoding: ``temperature`` (0, or below 1e-5, = greedy; default from ``--temperature``, 1.0
   as OpenAI),
-  ``top_p``, ``seed``, ``stop`` (up to 4 strings), ``max_completion_tokens``/``max_tokens``
+  ``top_p``, ``seed`` (absent: a fresh one; the seed used is answered in the ``seed`` field of
+  the response and of every stream chunk, so the request can be replayed), ``stop`` (up to 4
+  strings; the answer ends at the earliest), ``max_completion_tokens``/``max_tokens``
   (up to ``--max-tokens-limit``), ``n = 1``, ``logprobs`` with ``top_logprobs`` (0-20): the
   log-probabilities of the scores each token was chosen from, i.e. after the mitigation and
   before temperature and top-p (refused for search methods such as OPERA, which choose whole
@@ -43,7 +45,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import Request as HttpRequest
@@ -57,6 +59,8 @@ from veridical.decoding.engine import (
 )
 from veridical.decoding.method import Request
 from veridical.decoding.registry import resolve
+from veridical.decoding.seeds import fresh_seed
+from veridical.decoding.stops import cut_at_stop
 from veridical.errors import VeridicalError
 
 from .batcher import Batcher, Job, QueueFull, ShuttingDown
@@ -88,7 +92,7 @@ class BatchKey:
 @dataclass
 class EngineJob:
     request: Request
-    seed: int | None
+    seed: int  # the request's seed, or a fresh one (answered back to the client)
     max_tokens: int
     logprobs: int | None = None  # None: off; k: top-k alternatives per token
     # Set by the event loop, read by the engine thread:
@@ -159,7 +163,9 @@ class ChatServing:
             raw = await fetch_image_bytes(image_part.image_url.url, self.settings, image_param)
             image = await asyncio.to_thread(decode_image, raw, self.settings.max_image_pixels,
                                             image_param)
-        job = EngineJob(Request(image=image, prompt=text, system=system), req.seed, max_tokens,
+        # Resolved here, not in the engine: a batch retried request by request replays it.
+        seed = fresh_seed() if req.seed is None else req.seed
+        job = EngineJob(Request(image=image, prompt=text, system=system), seed, max_tokens,
                         logprobs)
         return key, job, {"method": method, **args}
 
@@ -286,15 +292,12 @@ class ChatServing:
         ids = result.token_ids[: job.max_tokens]
         logprobs = result.logprobs[: len(ids)] if job.logprobs is not None else None
         if len(ids) == len(result.token_ids) and result.finish_reason != "cancelled":
-            return GenerationResult(result.text, ids, result.finish_reason, result.prompt_tokens,
-                                    len(ids), result.image_tokens, logprobs)
+            return replace(result, token_ids=ids, completion_tokens=len(ids), logprobs=logprobs)
         text = self.engine.tokenizer.decode(ids, skip_special_tokens=True)
-        reason = "stop" if ids and ids[-1] in self.engine.eos_ids else "length"
-        hits = [text.find(s) for s in stops if s in text]
-        if hits:
-            text, reason = text[: min(hits)], "stop"
-        return GenerationResult(text.strip(), ids, reason, result.prompt_tokens, len(ids),
-                                result.image_tokens, logprobs)
+        text, stopped = cut_at_stop(text, stops)
+        reason = "stop" if stopped or (ids and ids[-1] in self.engine.eos_ids) else "length"
+        return replace(result, text=text.strip(), token_ids=ids, finish_reason=reason,
+                       completion_tokens=len(ids), logprobs=logprobs)
 
     # Job -> response ----------------------------------------------------------------------------
     async def complete(self, req: ChatCompletionRequest, http: HttpRequest) -> Response:
@@ -327,7 +330,7 @@ class ChatServing:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": result.finish_reason,
                          "logprobs": self._logprobs(result.logprobs, payload)}],
-            "usage": _usage(result), "mitigation": mitigation,
+            "usage": _usage(result), "mitigation": mitigation, "seed": payload.seed,
         })
 
     def _submit(self, key: BatchKey, payload: EngineJob) -> Job:
@@ -369,7 +372,7 @@ class ChatServing:
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
             body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk",
                                     "created": created, "model": self.settings.model_name,
-                                    "choices": choices}
+                                    "choices": choices, "seed": payload.seed}
             if include_usage:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from veridical.decoding.engine import TokenLogprob
+from veridical.decoding.stops import cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,8 @@ class TextStream:
         self.sent = ""
 
     def feed(self, token_ids: list[int]) -> str:
-        text = self._decode(token_ids).lstrip()
-        hits = [text.find(s) for s in self._stops if s in text]
-        if hits:
-            text = text[: min(hits)]
-        elif self._hold:
+        text, stopped = cut_at_stop(self._decode(token_ids).lstrip(), self._stops)
+        if not stopped and self._hold:
             text = text[: len(text) - self._hold]
         text = text.rstrip().rstrip(REPLACEMENT)
         return self._advance(text)
