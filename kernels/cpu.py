@@ -15,7 +15,8 @@ its value lies within rounding of the threshold.
 - :func:`var_decode` applies VAR's rule to the weights (n, H, 1, kv) of one query row per row,
   reading the sink flags of layer ``layer`` straight from the cached (R, kv_past, L) and this
   forward's (R, T, L) flags (no concatenation); :func:`decode_keys` takes the numpy views of
-  those key tensors once per forward, for every layer's call.
+  those key tensors once per forward, for every layer's call. Its sink share adds
+  ``reference.VAR_EPS`` per image key, as every route does.
 
 numba is imported and the loops compiled on first use (under a second each; numba caches the
 machine code on disk, next to this file).
@@ -29,6 +30,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from .reference import VAR_EPS
 
 # optional: without numba the torch route does the same work; imported on first use only
 NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -63,16 +66,19 @@ def _sink_flags(hidden, dims, threshold, eps, out, layer):
             out[r, t, layer] = flag
 
 
-def _var_decode(probs, image, past, fresh, layer, rows, p, rho, summ, out):
+def _var_decode(probs, image, past, fresh, layer, rows, p, rho, summ, eps, out):
     n, H, kv = probs.shape
     n_past = past.shape[1]
     for i in range(n):
         r = rows[i]
         sink = np.empty(kv, dtype=np.bool_)
         any_image_sink = False
+        n_image = 0
         for k in range(kv):
             sink[k] = past[r, k, layer] if k < n_past else fresh[r, k - n_past, layer]
             any_image_sink = any_image_sink or (sink[k] and image[r, k])
+            if image[r, k]:
+                n_image += 1
         for h in range(H):
             total_image = sink_image = sink_mass = target_mass = 0.0
             for k in range(kv):
@@ -86,7 +92,7 @@ def _var_decode(probs, image, past, fresh, layer, rows, p, rho, summ, out):
                 elif image[r, k]:
                     total_image += w
                     target_mass += w
-            changed = (any_image_sink and sink_image / (total_image + 1e-6) <= rho
+            changed = (any_image_sink and sink_image / (total_image + eps * n_image) <= rho
                        and total_image >= summ and target_mass > 0 and p != 1.0)
             if changed:  # sinks keep p; the removed mass goes to the non-sink image keys
                 grow = 1.0 + (1.0 - p) * sink_mass / target_mass
@@ -133,6 +139,6 @@ def var_decode(probs: torch.Tensor, keys: DecodeKeys, layer: int, p: float, rho:
     probs = probs.contiguous()
     out = torch.empty_like(probs)
     _compiled("_var_decode")(probs.view(n, H, kv).numpy(), keys.image, keys.past, keys.fresh,
-                             layer, keys.rows, float(p), float(rho), float(summ),
+                             layer, keys.rows, float(p), float(rho), float(summ), VAR_EPS,
                              out.view(n, H, kv).numpy())
     return out

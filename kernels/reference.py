@@ -18,7 +18,9 @@ Contract of :func:`edited_attention` (all math in fp32, whatever the input dtype
   (non-sink image token), ``IMAGE_SINK``. For one (head, query row) let ``Z_G`` be the softmax
   mass of group G (``Z_G = sum_{j in G} exp(a_j - m)``) and ``O_G = sum_{j in G} exp(a_j - m) v_j``.
   The row is image-centric when it is selected (``rows`` and ``heads``), ``Z_IMAGE > 0``,
-  ``Z_IMAGE_SINK / (Z_IMAGE + Z_IMAGE_SINK) <= rho`` (sink share of its image attention) and
+  ``Z_IMAGE_SINK / (Z_IMAGE + Z_IMAGE_SINK + n_image * VAR_EPS * Z) <= rho`` (sink share of its
+  image attention; ``n_image`` counts the batch row's image keys, sinks included, and
+  ``VAR_EPS`` is added per image key as the official code's ``sum(image_attn + 1e-6)`` does) and
   ``(Z_IMAGE + Z_IMAGE_SINK) / Z >= summ`` (image attention). There the sink weights (text sinks
   and image sinks; plus every text token when ``scale_text``) are multiplied by ``p`` and the
   removed mass ``(1 - p) * (their sum)`` is added to the non-sink image tokens in proportion to
@@ -47,6 +49,9 @@ import torch
 
 TEXT, TEXT_SINK, IMAGE, IMAGE_SINK = 0, 1, 2, 3
 N_GROUPS = 4
+# VAR's epsilon, added to the normalised image attention once PER IMAGE KEY in the sink share's
+# denominator, as the official code's ``sum(image_attn + 1e-6)``; every route uses this value
+VAR_EPS = 1e-6
 
 
 def key_groups(image: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
@@ -55,6 +60,12 @@ def key_groups(image: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"image and sink must be bool masks of one shape (B, Tk), got "
                          f"{image.dtype} {tuple(image.shape)} and {sink.dtype} {tuple(sink.shape)}")
     return (image.to(torch.int8) * IMAGE + sink.to(torch.int8)).to(torch.int8)
+
+
+def image_eps(groups: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B,) ``VAR_EPS`` times the number of image keys (sinks included) of each row of the
+    (B, Tk) group ids: the epsilon of VAR's sink share, in units of the row's mass."""
+    return (groups >= IMAGE).sum(-1).to(dtype) * VAR_EPS
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ class Checked:
     pre_rows: torch.Tensor | None  # (B, Tq) bool
     var_rows: torch.Tensor | None  # (B, Tq) bool
     var_heads: torch.Tensor | None  # (H,) bool
+    var_eps: torch.Tensor | None  # (B,) fp32: image_eps(groups)
     export_index: torch.Tensor | None  # (B, Tq) int32: output row of each query row, -1 if none
     n_export: int
 
@@ -183,7 +195,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: 
         if pre_rows is None:
             pre_rows = torch.ones(B, Tq, dtype=torch.bool, device=dev)
 
-    var_rows = var_heads = None
+    var_rows = var_heads = var_eps = None
     if var is not None:
         g = var.groups
         if not isinstance(g, torch.Tensor) or g.dtype != torch.int8 or tuple(g.shape) != (B, Tk):
@@ -206,6 +218,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: 
         var_heads = _mask("var.heads", var.heads, (H,), dev)
         if var_heads is None:
             var_heads = torch.ones(H, dtype=torch.bool, device=dev)
+        var_eps = image_eps(g)
 
     export_index, n_export = None, 0
     if export is not None:
@@ -224,7 +237,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: 
         export_index = torch.where(rows, rows.to(torch.int32).cumsum(1, dtype=torch.int32) - 1,
                                    torch.full_like(rows, -1, dtype=torch.int32))
     return Checked(B, H, Hkv, Tq, Tk, D, float(scaling), alpha, pre_keys, pre_rows, var_rows,
-                   var_heads, export_index, n_export)
+                   var_heads, var_eps, export_index, n_export)
 
 
 def visible_keys(B: int, Tq: int, Tk: int, key_padding: torch.Tensor | None, causal: bool,
@@ -239,13 +252,14 @@ def visible_keys(B: int, Tq: int, Tk: int, key_padding: torch.Tensor | None, cau
     return visible
 
 
-def var_factors(z: torch.Tensor, zg: torch.Tensor, selected: torch.Tensor, var: VAR
-                ) -> torch.Tensor:
-    """Per-group weight factors (..., 4) of VAR from the row mass ``z`` (...) and the group
-    masses ``zg`` (..., 4); rows outside ``selected`` (...) bool keep factor 1."""
+def var_factors(z: torch.Tensor, zg: torch.Tensor, selected: torch.Tensor, eps: torch.Tensor,
+                var: VAR) -> torch.Tensor:
+    """Per-group weight factors (..., 4) of VAR from the row mass ``z`` (...), the group
+    masses ``zg`` (..., 4) and the share's epsilon ``eps`` (broadcast to ``z``, from
+    :func:`image_eps`); rows outside ``selected`` (...) bool keep factor 1."""
     z_img, z_isink = zg[..., IMAGE], zg[..., IMAGE_SINK]
     image = z_img + z_isink
-    share = z_isink / image.clamp_min(torch.finfo(image.dtype).tiny)
+    share = z_isink / (image + eps * z).clamp_min(torch.finfo(image.dtype).tiny)
     centric = selected & (z_img > 0) & (share <= var.rho) & (image >= var.summ * z)
     scaled = [TEXT_SINK, IMAGE_SINK] + ([TEXT] if var.scale_text else [])
     z_scaled = zg[..., scaled].sum(-1)
@@ -289,7 +303,7 @@ def edited_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         og = torch.stack([torch.matmul(e * member[:, None, None, :, g], vf)
                           for g in range(N_GROUPS)], dim=-2)  # (B, H, Tq, 4, D): O_G
         selected = c.var_rows[:, None, :] & c.var_heads[None, :, None]  # (B, H, Tq)
-        f = var_factors(z, zg, selected, var)  # (B, H, Tq, 4)
+        f = var_factors(z, zg, selected, c.var_eps[:, None, None], var)  # (B, H, Tq, 4)
         out = (f[..., None] * og).sum(-2) * inv_z[..., None]
         weight = torch.matmul(f, member[:, None].transpose(-1, -2))  # (B, H, Tq, Tk): f of each key
     probs = None
@@ -332,7 +346,8 @@ def reweight_attention_(weights: torch.Tensor, groups: torch.Tensor, *, p: float
     w = weights.to(torch.promote_types(weights.dtype, torch.float32))
     image_attn = (w * (image | image_sink)).sum(-1)  # (B, H, Tq)
     image_mass = (w * image).sum(-1)
-    share = (w * image_sink).sum(-1) / image_attn.clamp_min(torch.finfo(w.dtype).tiny)
+    eps = image_eps(groups, w.dtype)[:, None, None]  # per image key, as the official code
+    share = (w * image_sink).sum(-1) / (image_attn + eps).clamp_min(torch.finfo(w.dtype).tiny)
     centric = (image_mass > 0) & (share <= rho) & (image_attn >= summ)
     if heads is not None:
         centric = centric & heads[None, :, None]

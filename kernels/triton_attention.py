@@ -5,7 +5,8 @@ of one (batch, head); per key block it computes the logits, applies the pre-soft
 ``a + alpha[h] * keys[b, j] * |a|`` on the selected rows, masks (bounds, left padding, causal with
 queries aligned to the end of the keys) and accumulates, besides the usual ``Z`` and ``O``, the
 per-group masses ``Z_G`` and the group outputs VAR needs (``O_IMAGE`` and, unless every text
-token is scaled, ``O_SINK``). VAR's selection reads the ``Z_G`` after the pass and the output is
+token is scaled, ``O_SINK``). VAR's selection reads the ``Z_G`` after the pass (and the batch
+row's epsilon, ``reference.image_eps``, from the launcher) and the output is
 ``(O + (p - 1) O_scaled + (f_IMAGE - 1) O_IMAGE) / Z``: no attention matrix is formed. Key blocks
 that hold no image (or no sink) key skip the extra product, and blocks made only of non-sink image
 keys reuse the main one, so VAR costs little beyond the plain kernel. Exported rows (OPERA) are
@@ -44,7 +45,7 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _edited_attention_kernel(
         Q, K, V, Out, Probs,
-        Pad, PreRows, PreKeys, Alpha, Groups, VarRows, VarHeads, ExportIdx,
+        Pad, PreRows, PreKeys, Alpha, Groups, VarRows, VarHeads, VarEps, ExportIdx,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -149,7 +150,8 @@ if TRITON_AVAILABLE:
         f_img = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if HAS_VAR:
             image = z_img + z_isink
-            centric = var_row & (z_img > 0) & (z_isink <= var_rho * image) & (
+            eps = tl.load(VarEps + b) * l_i  # VAR_EPS per image key, in this row's mass units
+            centric = var_row & (z_img > 0) & (z_isink <= var_rho * (image + eps)) & (
                 image >= var_summ * l_i)
             if SCALE_TEXT:
                 z_scaled = l_i - z_img  # text, text sinks and image sinks
@@ -261,6 +263,7 @@ def edited_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     pre_keys = dummy if c.pre_keys is None else c.pre_keys.contiguous()
     alpha = dummy if c.alpha is None else c.alpha.contiguous()
     groups = dummy if var is None else var.groups.contiguous()
+    var_eps = dummy if var is None else c.var_eps
     var_rows, var_heads = u8(c.var_rows), u8(c.var_heads)
     if export is not None:
         probs = torch.empty(B, H, c.n_export, export.end - export.start, device=dev,
@@ -273,7 +276,7 @@ def edited_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     grid = (triton.cdiv(Tq, block_m), B * H)
     _edited_attention_kernel[grid](
         q, k, v, out, probs,
-        pad, pre_rows, pre_keys, alpha, groups, var_rows, var_heads, export_idx,
+        pad, pre_rows, pre_keys, alpha, groups, var_rows, var_heads, var_eps, export_idx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *probs.stride(),
         H, Tq, Tk, H // c.Hkv, c.scaling * LOG2E,
         float(var.p) if var else 0.0, float(var.rho) if var else 0.0,

@@ -3,6 +3,8 @@ weights and applies the paper's rule; strength 0 is the baseline; batches are in
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -62,6 +64,53 @@ def run_two_steps(engine, batch, plan_edits, image_id, ref=REFERENCE):
             [ref["image_keys"], torch.zeros(first.shape[0], 1, dtype=torch.bool)], dim=-1)
     second = rows.step(first.argmax(-1))
     return first, second
+
+
+def fake_engine(n_layers: int) -> SimpleNamespace:
+    """An engine stand-in: ``n_layers`` pass-through decoder layers, a 4096-wide text model with
+    32 heads (LLaVA-1.5-7B's), for the methods' layer choices and VAR's sink hooks."""
+
+    class Layer(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states
+
+    layers = [Layer() for _ in range(n_layers)]
+    config = SimpleNamespace(hidden_size=4096, num_attention_heads=32)
+    return SimpleNamespace(model=SimpleNamespace(config=None), adapter=SimpleNamespace(
+        decoder_layers=lambda model: layers, text_config=lambda model_config: config))
+
+
+# The edited layers per depth, by hand from the papers' rules (not from the helpers): PAI, FIA
+# and VAR edit from layer 2 of 32 (round(2 L / 32)) through the last; VHR edits layer 1 of 32
+# (round(L / 32)) and the last 14 of 32 (round(14 L / 32), at least 1). Depths: LLaVA-1.5 7B
+# (32), 13B (40), Qwen2-VL-7B (28), the built-in model (4) and the tiny test models (2).
+EDITED_LAYERS = {
+    32: (set(range(2, 32)), {1, *range(18, 32)}),
+    40: (set(range(2, 40)), {1, *range(22, 40)}),  # 2.5 -> 2 (half to even); 17.5 -> 18
+    28: (set(range(2, 28)), {1, *range(16, 28)}),  # 1.75 -> 2; 0.875 -> 1; 12.25 -> 12
+    4: ({0, 1, 2, 3}, {0, 2, 3}),  # 0.25 -> 0; 0.125 -> 0; 1.75 -> 2
+    2: ({0, 1}, {0, 1}),  # 0.125 -> 0; 0.0625 -> 0; 0.875 -> 1
+}
+
+
+@pytest.mark.parametrize("n_layers", sorted(EDITED_LAYERS))
+def test_edited_layers_per_depth(n_layers):
+    from veridical.decoding.methods.fia import FIA
+    from veridical.decoding.methods.pai import PAI
+    from veridical.decoding.methods.var import VAR
+    from veridical.decoding.methods.vhr import VHR
+
+    engine = fake_engine(n_layers)
+    from_two, vhr = EDITED_LAYERS[n_layers]
+    (pai,) = PAI().attention_edits(engine)
+    (fia,) = FIA(head_modulation=False).attention_edits(engine)
+    (vhr_edit,) = VHR().attention_edits(engine)
+    (var,) = VAR(sink_dims="3").attention_edits(engine)
+    (var_last,) = VAR(sink_dims="3", last_layer=False).attention_edits(engine)
+    assert pai.layers() == from_two and fia.layers() == from_two
+    assert vhr_edit.layers() == vhr
+    assert var.layers() == from_two  # the last layer too, as the reference code
+    assert var_last.layers() == from_two - {n_layers - 1}
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
@@ -128,7 +177,8 @@ def test_pai_composes_with_vcd_and_edits_only_the_real_rows(images, prompts):
     engine = tiny_engine("llava")
     kw = dict(max_new_tokens=6)
     both = engine.generate(images, prompts, method="pai+vcd", **kw)
-    alone = [engine.generate(i, p, method="pai+vcd", **kw).token_ids for i, p in zip(images, prompts)]
+    alone = [engine.generate(i, p, method="pai+vcd", seed=r.seed, **kw).token_ids
+             for i, p, r in zip(images, prompts, both)]
     assert [r.token_ids for r in both] == alone
     assert engine.model.config.get_text_config()._attn_implementation == "sdpa"
 
@@ -222,24 +272,24 @@ def test_vhr_strength_zero_and_batch_invariance(arch, images, prompts):
     for kw in (dict(max_new_tokens=6), dict(max_new_tokens=6, do_sample=True, seed=[1, 2, 3, 4]),
                dict(max_new_tokens=5, num_beams=2)):
         batch = engine.generate(images, prompts, method="vhr+vcd", **kw)
-        seeds = kw.get("seed", [None] * 4)
-        alone = [engine.generate(i, p, method="vhr+vcd", **{**kw, "seed": s}).token_ids
-                 for i, p, s in zip(images, prompts, seeds)]
+        alone = [engine.generate(i, p, method="vhr+vcd", **{**kw, "seed": r.seed}).token_ids
+                 for i, p, r in zip(images, prompts, batch)]
         assert [r.token_ids for r in batch] == alone
 
 
-VAR_REF = {"image_keys": None, "sinks": {}, "p": 0.6, "rho": 0.5, "summ": 0.01}
+VAR_REF = {"image_keys": None, "sinks": {}, "layers": set(), "p": 0.6, "rho": 0.5, "summ": 0.01}
 
 
 def eager_var_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                         **kwargs):
-    """VAR's rule written out per (row, head, query) on materialised eager weights."""
+    """VAR's rule written out per (row, head, query) on materialised eager weights, as the
+    reference code (seilk/VisAttnSink logic.py) states it, in VAR_REF["layers"]."""
     k = repeat_kv(key, module.num_key_value_groups)
     v = repeat_kv(value, module.num_key_value_groups)
     w = torch.matmul(query, k.transpose(2, 3)) * scaling + attention_mask
     p = torch.softmax(w, dim=-1, dtype=torch.float32)
-    layer, n_layers = module.layer_idx, module.config.num_hidden_layers
-    if layer < n_layers - 1:
+    layer = module.layer_idx
+    if layer in VAR_REF["layers"]:
         image = VAR_REF["image_keys"]
         sink = VAR_REF["sinks"][layer]
         B, H, Q, K = p.shape
@@ -255,7 +305,7 @@ def eager_var_attention(module, query, key, value, attention_mask, dropout=0.0, 
                 for h in range(H):
                     row = p[b, h, qi]
                     total = row[image[b]].sum()
-                    share = row[image[b] & sink[b]].sum() / (total + 1e-6)
+                    share = row[image[b] & sink[b]].sum() / (row[image[b]] + 1e-6).sum()
                     if not (share <= VAR_REF["rho"] and total >= VAR_REF["summ"]):
                         continue
                     moved = sink[b]  # text sinks and image sinks
@@ -272,10 +322,17 @@ AttentionInterface.register("test_eager_var", eager_var_attention)
 AttentionMaskInterface.register("test_eager_var", eager_mask)
 
 
-@pytest.mark.parametrize("impl", ["auto", "torch"])  # auto: the numba loops at decode on CPU
-@pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])
-def test_var_equals_eager_reference_with_left_padding(arch, impl, images, prompts):
-    from veridical.decoding.methods.var import VAR, VAREdit, sink_from_layer, sink_hooks
+# the tiny models have 2 layers: sinks and edits from layer round(2 * 2 / 32) = 0 on, through
+# the last one by default, through layer 0 with last_layer=false
+VAR_VARIANTS = {"default": ({}, {0, 1}),
+                "options": ({"decode_sinks": True, "last_layer": False}, {0})}
+
+
+@pytest.mark.parametrize("arch,impl,variant", [  # auto: the numba loops at decode on CPU
+    ("llava", "auto", "default"), ("llava", "torch", "default"), ("qwen2-vl", "auto", "default"),
+    ("qwen2-vl", "torch", "default"), ("llava", "auto", "options"), ("llava", "torch", "options")])
+def test_var_equals_eager_reference_with_left_padding(arch, impl, variant, images, prompts):
+    from veridical.decoding.methods.var import VAR, VAREdit
     from veridical.heads.scores import effective_tau, rms_abs
 
     engine = tiny_engine(arch)
@@ -285,22 +342,25 @@ def test_var_equals_eager_reference_with_left_padding(arch, impl, images, prompt
     width = engine.adapter.text_config(engine.model.config).hidden_size
     dims, tau = [3, 7], 10.0  # threshold 1.25 at width 64: some tokens are sinks, not all
     threshold = effective_tau(tau, width)
+    options, layers = VAR_VARIANTS[variant]
+    assert len(decoder) == 2
 
-    # reference: sink flags from the test's own hooks on the layer inputs
+    # reference: sink flags from the test's own hooks on the layer inputs; generated tokens are
+    # never sinks unless decode_sinks (the reference flags at the prefill only)
     flags: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(decoder))}
 
     def capture(i):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             is_sink = (rms_abs(hidden)[..., dims] > threshold).any(-1)
-            first = sink_from_layer(len(decoder))
-            flags[i].append(is_sink if i >= first else torch.zeros_like(is_sink))
+            recorded = i in layers and (not flags[i] or options.get("decode_sinks", False))
+            flags[i].append(is_sink if recorded else torch.zeros_like(is_sink))
             VAR_REF["sinks"][i] = torch.cat(flags[i], dim=1)
         return hook
 
     hooks = [layer.register_forward_pre_hook(capture(i), with_kwargs=True)
              for i, layer in enumerate(decoder)]
-    VAR_REF.update(image_keys=batch["input_ids"] == image_id, sinks={})
+    VAR_REF.update(image_keys=batch["input_ids"] == image_id, sinks={}, layers=layers)
     engine.model.set_attn_implementation({"text_config": "test_eager_var"})
     try:
         ref = run_two_steps(engine, batch, [], image_id, VAR_REF)
@@ -310,8 +370,10 @@ def test_var_equals_eager_reference_with_left_padding(arch, impl, images, prompt
             h.remove()
     sinks = torch.cat([f.flatten() for f in VAR_REF["sinks"].values()])
     assert 0 < sinks.float().mean() < 0.7  # sinks take part, and not every token is one
+    generated = VAR_REF["sinks"][0][:, -1]  # the decoded token's flags in layer 0
+    assert generated.any() if options else not generated.any()
 
-    method = VAR(sink_dims="3,7", tau=tau, summ=0.01)
+    method = VAR(sink_dims="3,7", tau=tau, summ=0.01, **options)
     info = RowInfo(["main"], n_slots=4)
     handles = method.install(engine, info)
     previous = use_edits(engine.model, True)
@@ -325,15 +387,56 @@ def test_var_equals_eager_reference_with_left_padding(arch, impl, images, prompt
         for h in handles:
             h.remove()
     plain = run_two_steps(engine, batch, [], image_id, {"image_keys": None})
-    assert isinstance(method.attention_edits(engine)[0], VAREdit) and sink_hooks
+    (edit,) = method.attention_edits(engine)
+    assert isinstance(edit, VAREdit) and edit.layers() == layers
+    assert len(handles) == len(layers)  # one sink hook per edited layer
     for a, b, c in zip((first, second), ref, plain):
         assert (a - b).abs().max() <= 1e-5
         assert (a - c).abs().max() > 1e-3
 
 
-def test_var_skips_sink_flags_only_where_no_image_sink_can_act():
-    from types import SimpleNamespace
+@pytest.mark.parametrize("impl", ["auto", "torch"])  # auto: the numba loop on float32 CPU
+@pytest.mark.parametrize("options,sink_layers", [
+    ({}, range(2, 32)),  # the reference: the prompt's tokens only, layers 2..31 of 32
+    ({"decode_sinks": True}, range(2, 32)),
+    ({"last_layer": False}, range(2, 31)),
+])
+def test_var_sink_flags_of_prompt_and_generated_tokens(options, sink_layers, impl):
+    """A 32-layer stand-in (width 4096: the threshold is tau = 20): the prompt's image token 1
+    and the generated token carry a massive activation on the watched dim 3, the other tokens
+    none. The prompt's token is a sink in every sink layer; the generated one only with
+    decode_sinks."""
+    from veridical.decoding.methods.var import VAR
 
+    engine = fake_engine(32)
+    decoder = engine.adapter.decoder_layers(engine.model)
+    massive = torch.ones(4096)
+    massive[3] = 1000.0  # |h / rms(h)| = 1000 / sqrt((4095 + 1e6) / 4096) = 63.9 > 20
+    handles = VAR(sink_dims="3", **options).install(engine, None)
+    try:
+        prompt = torch.ones(1, 3, 4096)
+        prompt[0, 1] = massive
+        plan = EditPlan([], torch.tensor([True]), torch.tensor([[False, True, True]]), impl=impl)
+        with plan_active(plan):
+            for layer in decoder:
+                layer(prompt)
+        past = plan.fresh["var_sink"]  # (1, 3, 32)
+        plan = EditPlan([], torch.tensor([True]), torch.tensor([[False, True, True, False]]),
+                        key_state={"var_sink": past}, impl=impl)
+        with plan_active(plan):
+            for layer in decoder:
+                layer(massive[None, None])
+        generated = plan.fresh["var_sink"]  # (1, 1, 32)
+    finally:
+        for handle in handles:
+            handle.remove()
+    sinks = [layer in sink_layers for layer in range(32)]
+    assert past[0, 1].tolist() == sinks
+    assert not past[0, [0, 2]].any()
+    assert generated[0, 0].tolist() == (sinks if options.get("decode_sinks") else [False] * 32)
+
+
+def test_var_skips_sink_flags_only_where_no_image_sink_can_act():
     from veridical.decoding.methods.var import may_have_image_sinks
 
     def plan(image_keys, past, n_layers=3):
@@ -351,9 +454,10 @@ def test_var_skips_sink_flags_only_where_no_image_sink_can_act():
 
 
 def test_var_skipping_sink_flags_changes_nothing(monkeypatch):
-    # The built-in model (4 layers, 3 edited) with a sink rule under which, at decode, the cache
-    # holds image sinks in some edited layers but not in others: those layers' flags are skipped
-    # (on the torch route; the compiled loops flag every decode token, test_kernels_cpu.py).
+    # The built-in model (4 layers, all edited) with generated tokens as sink candidates
+    # (decode_sinks) and a sink rule under which, at decode, the cache holds image sinks in some
+    # edited layers but not in others: those layers' flags are skipped (on the torch route; the
+    # compiled loops flag every decode token, test_kernels_cpu.py).
     import veridical
     import veridical.decoding.methods.var as var
     from veridical.bench import PROMPTS, bench_images
@@ -361,13 +465,13 @@ def test_var_skipping_sink_flags_changes_nothing(monkeypatch):
     engine = veridical.load("builtin:synthcoco-llava")
     engine.attention_impl = "torch"
     images, prompts = bench_images(2), PROMPTS[:2]
-    args = {"sink_dims": "45", "tau": 20.0}
+    args = {"sink_dims": "45", "tau": 20.0, "decode_sinks": True}
     kw = dict(method="var", max_new_tokens=8, logprobs=3)
     seen, real = [], var.may_have_image_sinks
     monkeypatch.setattr(var, "may_have_image_sinks", lambda plan: seen.append(real(plan))
                         or seen[-1])
     skipping = engine.generate(images, prompts, method_args=args, **kw)
-    assert any(0 < sum(s[:3]) < 3 for s in seen)  # a decode step skips some edited layers
+    assert any(0 < sum(s) < len(s) for s in seen)  # a decode step skips some edited layers
     monkeypatch.setattr(var, "may_have_image_sinks",
                         lambda plan: [True] * plan.fresh["var_sink"].shape[-1])
     every_flag = engine.generate(images, prompts, method_args=args, **kw)

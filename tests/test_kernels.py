@@ -40,7 +40,7 @@ from veridical.kernels import (  # noqa: E402
     reweight_attention_,
 )
 from veridical.kernels import triton_attention as ta  # noqa: E402
-from veridical.kernels.reference import visible_keys  # noqa: E402
+from veridical.kernels.reference import image_eps, visible_keys  # noqa: E402
 
 if not CUDA and ta.TRITON_AVAILABLE and not ta.INTERPRET:  # imported earlier without the flag
     ta = importlib.reload(ta)
@@ -111,7 +111,8 @@ def make_case(*, B=2, H=2, Hkv=2, tq=1, tk=TK, D=16, dtype=torch.float32, pad=Fa
         full = Export(torch.ones(B, tq, dtype=torch.bool, device=DEVICE), 0, tk)
         _, w = edited_attention(q, k, v, export=full, **kw)  # (B, H, tq, tk)
         image = w[..., (groups == IMAGE)[0]].sum(-1) + w[..., (groups == IMAGE_SINK)[0]].sum(-1)
-        share = w[..., (groups == IMAGE_SINK)[0]].sum(-1) / image.clamp_min(1e-30)
+        eps = image_eps(groups)[:, None, None]  # the rule's epsilon, per image key
+        share = w[..., (groups == IMAGE_SINK)[0]].sum(-1) / (image + eps)
         heads = heads.to(DEVICE)
         sel = (image > 0) & var_rows[:, None, :] & heads[None, :, None]
         rho = midgap(share[sel])
@@ -282,6 +283,40 @@ def test_reweight_attention_exact_values():
     assert w3[0, 0, 0].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.1, 0.3])
 
 
+# VAR's epsilon on a hand-built row (weights exact in binary): text, text sink, two image sinks,
+# six image keys. The sink share is 0.0625 / (0.125 + 8e-6) = 0.499968 with 1e-6 per image key
+# (the reference's sum(image_attn + 1e-6)): <= rho 0.49997 (any epsilon >= 7.5e-6 gives that),
+# > rho 0.499966 (any epsilon < 8.5e-6), while 1e-6 once (0.499996) or none (0.5) exceeds both.
+EPS_GROUPS = [TEXT, TEXT_SINK, IMAGE_SINK, IMAGE_SINK] + [IMAGE] * 6
+EPS_ROW = [0.5, 0.375, 0.03125, 0.03125, 0.015625, 0.015625] + [0.0078125] * 4
+# p = 0.5: sinks halved, the removed 0.21875 to the image keys in proportion (x 4.5)
+EPS_EDITED = [0.5, 0.1875, 0.015625, 0.015625, 0.0703125, 0.0703125] + [0.03515625] * 4
+EPS_CASES = [(0.49997, EPS_EDITED), (0.499966, EPS_ROW)]  # (rho, the weights after VAR)
+
+
+def test_var_epsilon_is_added_per_image_key_on_weights():
+    groups = torch.tensor([EPS_GROUPS], dtype=torch.int8)
+    assert image_eps(groups, torch.float64).tolist() == [8e-6]
+    for rho, want in EPS_CASES:
+        w = torch.tensor(EPS_ROW, dtype=torch.float64).reshape(1, 1, 1, 10)
+        reweight_attention_(w, groups, p=0.5, rho=rho, summ=0.1)
+        assert w.flatten().tolist() == want
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_var_epsilon_is_added_per_image_key_in_attention(impl):
+    """The hand-built row as attention: logits log(w) on one-hot keys (scaling 1), one-hot
+    values, so the output row is the weights after VAR."""
+    run = {"reference": edited_attention, "triton": ta.edited_attention_triton}[impl]
+    q = torch.tensor(EPS_ROW).log().reshape(1, 1, 1, 10).to(DEVICE)
+    k = v = torch.eye(10).reshape(1, 1, 10, 10).to(DEVICE)
+    groups = torch.tensor([EPS_GROUPS], dtype=torch.int8, device=DEVICE)
+    atol, rtol = TOL[torch.float32][0]  # far below the 0.1875 an edit moves
+    for rho, want in EPS_CASES:
+        out, _ = run(q, k, v, scaling=1.0, var=VAR(groups, p=0.5, rho=rho, summ=0.1))
+        torch.testing.assert_close(out.flatten().cpu(), torch.tensor(want), atol=atol, rtol=rtol)
+
+
 def test_key_groups_from_image_and_sink_masks():
     image = torch.tensor([[False, False, True, True]])
     sink = torch.tensor([[False, True, False, True]])
@@ -401,8 +436,9 @@ from triton.compiler import ASTSource
 from veridical.kernels.triton_attention import _edited_attention_kernel as K
 
 types = {"Probs": "*fp32", "PreKeys": "*fp32", "Alpha": "*fp32", "Groups": "*i8",
-         "ExportIdx": "*i32", "qk_scale": "fp32", "var_p": "fp32", "var_rho": "fp32",
-         "var_summ": "fp32", **dict.fromkeys(["Pad", "PreRows", "VarRows", "VarHeads"], "*u8")}
+         "VarEps": "*fp32", "ExportIdx": "*i32", "qk_scale": "fp32", "var_p": "fp32",
+         "var_rho": "fp32", "var_summ": "fp32",
+         **dict.fromkeys(["Pad", "PreRows", "VarRows", "VarHeads"], "*u8")}
 for dt, block_m, block_n, warps in (("bf16", 16, 128, 4), ("fp16", 64, 64, 8),
                                     ("fp32", 64, 64, 4)):
     const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True,

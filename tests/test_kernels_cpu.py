@@ -64,6 +64,23 @@ def test_var_decode_equals_var_reweight():
     assert (only_fresh - want).abs().max() <= 1e-6
 
 
+def test_var_epsilon_is_added_per_image_key():
+    # keys: text, text sink, two image sinks, six image keys; weights exact in binary. The sink
+    # share is 0.0625 / (0.125 + 8 * 1e-6) = 0.499968 (the reference's sum(image_attn + 1e-6)):
+    # <= rho 0.49997, > rho 0.499966; with 1e-6 once (0.499996) it would exceed both.
+    row = [0.5, 0.375, 0.03125, 0.03125, 0.015625, 0.015625] + [0.0078125] * 4
+    edited = [0.5, 0.1875, 0.015625, 0.015625, 0.0703125, 0.0703125] + [0.03515625] * 4
+    image = torch.tensor([[False, False] + [True] * 8])
+    sink = torch.tensor([[False, True, True, True] + [False] * 6])
+    keys = cpu.decode_keys(image, None, sink[..., None], torch.tensor([0]))
+    query = torch.ones(1, 1, dtype=torch.bool)
+    for rho, want in ((0.49997, edited), (0.499966, row)):
+        probs = torch.tensor(row).reshape(1, 1, 1, 10)
+        torch_route, _ = var_reweight(probs.double(), image, sink, query, 0.5, rho, 0.1)
+        assert torch_route.flatten().tolist() == want
+        assert cpu.var_decode(probs, keys, 0, 0.5, rho, 0.1).flatten().tolist() == want
+
+
 def test_var_decode_takes_one_query_row():
     with pytest.raises(ValueError, match="one query row"):
         keys = cpu.decode_keys(torch.ones(1, 5, dtype=torch.bool), None,
@@ -105,22 +122,23 @@ def test_generate_with_the_loops_gives_the_torch_routes_tokens(arch, images, pro
 
 
 def test_the_loops_flag_every_decode_token_and_agree_with_the_torch_routes_skipping(monkeypatch):
-    # The built-in model with a sink rule under which the cache holds image sinks in some edited
-    # layers only: the torch route skips the others' flags at decode steps, the loops do not ask.
+    # The built-in model with generated tokens as sink candidates (decode_sinks) and a sink rule
+    # under which the cache holds image sinks in some edited layers only: the torch route skips
+    # the others' flags at decode steps, the loops do not ask.
     import veridical
     import veridical.decoding.methods.var as var
     from veridical.bench import PROMPTS, bench_images
 
     engine = veridical.load("builtin:synthcoco-llava")
     images, prompts = bench_images(2), PROMPTS[:2]
-    kw = dict(method="var", method_args={"sink_dims": "45", "tau": 20.0}, max_new_tokens=8,
-              logprobs=3)
+    kw = dict(method="var", method_args={"sink_dims": "45", "tau": 20.0, "decode_sinks": True},
+              max_new_tokens=8, logprobs=3)
     seen, real = [], var.may_have_image_sinks
     monkeypatch.setattr(var, "may_have_image_sinks", lambda plan: seen.append(
         (plan.fresh["var_sink"].shape[1], real(plan))) or seen[-1][1])
     engine.attention_impl = "torch"
     skipping = engine.generate(images, prompts, **kw)
-    assert any(t == 1 and 0 < sum(s[:3]) < 3 for t, s in seen)  # decode steps skip layers
+    assert any(t == 1 and 0 < sum(s) < len(s) for t, s in seen)  # decode steps skip layers
     seen.clear()
     engine.attention_impl = "auto"
     loops = engine.generate(images, prompts, **kw)

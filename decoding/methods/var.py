@@ -1,34 +1,62 @@
 """``var``: Visual Attention Redistribution (seilk/VisAttnSink ``src/logic/logic.py``).
 
-Sink tokens: in layers >= 2 (of 32; mapped to the model's depth), a key token is a sink when its weightless-RMSNorm'd layer input
-``|h / rms(h)|`` exceeds ``tau`` on one of the model's massive-activation dimensions (found per
-model by the ``heads`` profiler, ``sink_dims="auto"``, not taken from a table; ``tau`` is scaled
-to the model's width as the profiler does, so 20 is VAR's value for 4096-wide models). A forward
-pre-hook on every decoder layer records the flags of each token as it is processed, so generated
-tokens can be sinks too; it skips a layer at a forward without image tokens when no cached image
-token is a sink there (VAR cannot act on that layer any more, so those flags are never read).
-With no sink dimensions (the profile lists none, or ``sink_dims=none``) no token can be a sink,
-so VAR installs nothing at all.
+Sink tokens: in the layers from :func:`sink_from_layer` on (2 of 32, mapped to the model's
+depth), a token is a sink when its weightless-RMSNorm'd layer input ``|h / rms(h)|`` exceeds
+``tau`` on one of the model's massive-activation dimensions. As the reference code (its
+``DimProspector`` runs at the prefill only), only the prompt's tokens can be sinks: a forward
+pre-hook on each of those decoder layers records the flags of the prompt's tokens at the
+prompt's forward, and generated tokens are never sinks. ``decode_sinks=true`` flags each
+generated token too, in every forward that processes it (a generated token with a massive
+activation then loses weight as the prompt's sinks do). A hook skips a layer at a forward
+without image tokens when no cached image token is a sink there (VAR cannot act on that layer
+any more, so those flags are never read). With no sink dimensions (the profile lists none, or
+``sink_dims=none``) no token can be a sink, so VAR installs nothing at all.
 
-Redistribution, in every layer but the last, for the real-input rows: at prefill the text query
-positions after the image, at decode the new query. As the reference code does: only in layers
-where the row has at least one image sink, a (head, query) is image-centric when the sink share
-of its image attention is <= ``rho`` and its total image attention is >= ``summ``; there the
-weights of the SINK keys (text sinks and image sinks; other text keys are left alone, which
-methods.md's "text and sink weights" wording leaves ambiguous) are multiplied by ``p`` and the
-removed mass ``(1 - p) * (their sum)`` goes to the non-sink image keys in proportion to their
-weights. A layer where no row has an image sink is left untouched at once (the rule changes
-nothing there; at decode steps :func:`may_have_image_sinks` tells). The reference's code uses
-``rho`` and ``p`` as 1 minus the paper's (the author confirmed); the defaults here are the
-code's. ``p = 1`` is the baseline.
+Redistribution, in the same layers through the last one, for the real-input rows: at prefill
+the text query positions after the image, at decode the new query. The reference code edits
+the last layer (its ``except_last_layer`` setting, 1 in its configs, is shadowed by a class
+attribute ``False`` of ``VARProcessor``, so the published numbers come from editing every
+layer); ``last_layer=false`` skips it, as that setting intends. As the reference code does:
+only in layers where the row has at least one image sink, a (head, query) is image-centric
+when the sink share of its image attention is <= ``rho`` and its total image attention is >=
+``summ``; there the weights of the SINK keys (text sinks and image sinks; other text keys are
+left alone, which a summary's "text and sink weights" wording leaves ambiguous) are
+multiplied by ``p`` and the removed mass ``(1 - p) * (their sum)`` goes to the non-sink image
+keys in proportion to their weights. The sink share is ``image-sink weight / (image weight +
+n_image * 1e-6)``: the reference's ``sum(image_attn + 1e-6)`` adds its epsilon once per image
+token (``veridical.kernels.reference.VAR_EPS``, the same in every route: this module's torch
+code, the numba loops, the torch reference and the Triton kernel). A layer where no row has an
+image sink is left untouched at once (the rule changes nothing there; at decode steps
+:func:`may_have_image_sinks` tells). The reference's code uses ``rho`` and ``p`` as 1 minus
+the paper's (the author confirmed); the defaults here are the code's. ``p = 1`` is the baseline.
+
+Where this implementation still differs from the reference code, and why:
+
+- Sink dimensions are found per model by the ``heads`` profiler (``sink_dims="auto"``) and
+  ``tau`` is scaled to the model's width as the profiler does (20 is VAR's value for 4096-wide
+  models); the reference reads a fixed table of dimensions for its LLaMA models. A table
+  cannot cover other models.
+- The first sink layer is 2 of 32 mapped to the model's depth (``round(2 * L / 32)``); the
+  reference starts at layer 2 at any depth. The same for 32 and 40 layers (LLaVA-1.5 7B, 13B);
+  shallower models start earlier, in proportion.
+- Batches: sink flags, image keys and query positions are per row, image keys come from the
+  image-token mask (several images, left padding: padding keys weigh nothing) and a row's
+  prefill queries are its real text queries after its last image token. The reference decodes
+  one request with one image span.
+- A row whose image tokens are all sinks is left as it is: there is no non-sink image key to
+  receive the removed weight, and the reference divides 0 by 0 there (NaN weights).
+- The rule runs in fp32; the reference runs it on the model dtype's weights (fp16), so a head
+  whose share or image attention lies within fp16 rounding of ``rho`` or ``summ`` can be
+  selected differently.
 
 On float32 CPU tensors with numba installed (and the engine's ``attention_impl`` at ``"auto"``),
 the sink flags and the decode-step rule run as compiled loops (:mod:`veridical.kernels.cpu`):
 the same values, without the ~30 tensor operations per layer whose dispatch outweighs their
-arithmetic on small models. ``attention_impl="torch"`` keeps the torch route. At a decode step
-the loops do not ask :func:`may_have_image_sinks` (one new token's flags, and the rule's own
-per-row check, cost less than the question): they flag the new token in every layer from the
-first sink layer on, and the rule leaves rows without an image sink as they are.
+arithmetic on small models. ``attention_impl="torch"`` keeps the torch route. With
+``decode_sinks=true``, at a decode step the loops do not ask :func:`may_have_image_sinks` (one
+new token's flags, and the rule's own per-row check, cost less than the question): they flag
+the new token in every edited layer, and the rule leaves rows without an image sink as they
+are.
 """
 
 from __future__ import annotations
@@ -38,6 +66,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 from veridical.heads.scores import RMS_EPS, effective_tau, rms_abs
 from veridical.kernels import cpu
+from veridical.kernels.reference import VAR_EPS
 
 from ..attention import _PLAN, AttentionEdit, row_logits
 from ..method import Method, Param
@@ -47,6 +76,13 @@ from ..registry import register
 def sink_from_layer(n_layers: int) -> int:
     """VAR looks for sinks from layer 2 of LLaMA's 32; mapped to the model's depth."""
     return round(2 * n_layers / 32)
+
+
+def var_layers(n_layers: int, last_layer: bool = True) -> range:
+    """The layers VAR flags sinks in and edits: from :func:`sink_from_layer` through the last
+    one (the reference code's behaviour), or through the one before when ``last_layer`` is
+    False."""
+    return range(sink_from_layer(n_layers), n_layers if last_layer else n_layers - 1)
 
 
 def var_reweight(probs: torch.Tensor, image: torch.Tensor, sink: torch.Tensor,
@@ -59,7 +95,8 @@ def var_reweight(probs: torch.Tensor, image: torch.Tensor, sink: torch.Tensor,
     groups = torch.stack([image, image_sink, sink, target], dim=-1).to(probs.dtype)  # (n, kv, 4)
     sums = torch.matmul(probs, groups[:, None])  # (n, H, q, 4): the four group masses
     total_image, sink_image, sink_mass, target_mass = sums.unbind(-1)
-    share = sink_image / (total_image + 1e-6)  # the reference's epsilon
+    eps = VAR_EPS * image.sum(-1, dtype=probs.dtype)[:, None, None]  # per image key (reference)
+    share = sink_image / (total_image + eps)
     centric = ((share <= rho) & (total_image >= summ) & queries[:, None, :]
                & image_sink.any(-1)[:, None, None])
     changed = centric & (target_mass > 0) & (p != 1.0)
@@ -72,8 +109,8 @@ def var_reweight(probs: torch.Tensor, image: torch.Tensor, sink: torch.Tensor,
 
 
 class VAREdit(AttentionEdit):
-    def __init__(self, n_layers: int, p: float, rho: float, summ: float):
-        self._layers = set(range(n_layers - 1))  # all but the last
+    def __init__(self, layers: range, p: float, rho: float, summ: float):
+        self._layers = set(layers)
         self.p, self.rho, self.summ = p, rho, summ
 
     def layers(self) -> set[int]:
@@ -171,14 +208,16 @@ def may_have_image_sinks(plan) -> list[bool]:
     return plan.remember("var_image_sink_layers", make)
 
 
-def sink_hooks(engine, dims: list[int], tau: float) -> list:
-    """Forward pre-hooks that record per layer which tokens of each forward are sinks."""
-    layers = engine.adapter.decoder_layers(engine.model)
+def sink_hooks(engine, dims: list[int], tau: float, layers: range, decode_sinks: bool = False
+               ) -> list:
+    """Forward pre-hooks on the decoder ``layers`` that record, per layer, which tokens of the
+    prompt's forward (and, with ``decode_sinks``, of every later forward) are sinks, in the
+    plan's (R, T, L) ``fresh["var_sink"]`` flags (False where not recorded)."""
+    decoder = engine.adapter.decoder_layers(engine.model)
     width = engine.adapter.text_config(engine.model.config).hidden_size
     threshold = effective_tau(tau, width)
     index = torch.tensor(dims, dtype=torch.long)
     index_np = index.numpy()  # the same dims for the numba loop
-    first = sink_from_layer(len(layers))
 
     def hook(layer_idx):
         def record(module, args, kwargs):
@@ -188,9 +227,9 @@ def sink_hooks(engine, dims: list[int], tau: float) -> list:
             hidden = args[0] if args else kwargs["hidden_states"]  # (R, T, D)
             flags = plan.fresh.get("var_sink")
             if flags is None:
-                flags = torch.zeros(*hidden.shape[:2], len(layers), dtype=torch.bool)
+                flags = torch.zeros(*hidden.shape[:2], len(decoder), dtype=torch.bool)
                 plan.fresh["var_sink"] = flags
-            if layer_idx < first:
+            if not decode_sinks and "var_sink" in plan.key_state:  # not the prompt's forward
                 return
             loop = cpu.serves(hidden, plan.impl)
             # a decode step's flags cost the loop less than asking whether they are needed
@@ -203,8 +242,7 @@ def sink_hooks(engine, dims: list[int], tau: float) -> list:
                 flags[:, :, layer_idx] = (phi > threshold).any(-1).cpu()
         return record
 
-    return [layer.register_forward_pre_hook(hook(i), with_kwargs=True)
-            for i, layer in enumerate(layers[:-1])]  # the last layer is not edited
+    return [decoder[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in layers]
 
 
 @register
@@ -223,6 +261,10 @@ class VAR(Method):
               low=0.0, low_open=True),
         Param("sink_dims", "auto", "massive-activation dims: 'auto' (profile), 'none', or "
               "comma-separated indices", type=str),
+        Param("decode_sinks", False, "generated tokens can be sinks too (the reference flags "
+              "the prompt's tokens only)", type=bool),
+        Param("last_layer", True, "edit the last layer too, as the reference code does "
+              "(false: skip it, as its except_last_layer setting intends)", type=bool),
     )
 
     def _dims(self, engine) -> list[int]:
@@ -251,13 +293,18 @@ class VAR(Method):
         nothing and decoding costs what the baseline costs."""
         return self.args["p"] != 1.0 and bool(self._dims(engine))
 
+    def _layers(self, engine) -> range:
+        return var_layers(len(engine.adapter.decoder_layers(engine.model)),
+                          self.args["last_layer"])
+
     def install(self, engine, rows):
         if not self._acts(engine):
             return []
-        return sink_hooks(engine, self._dims(engine), self.args["tau"])
+        return sink_hooks(engine, self._dims(engine), self.args["tau"], self._layers(engine),
+                          self.args["decode_sinks"])
 
     def attention_edits(self, engine):
         if not self._acts(engine):
             return []
-        n_layers = len(engine.adapter.decoder_layers(engine.model))
-        return [VAREdit(n_layers, self.args["p"], self.args["rho"], self.args["summ"])]
+        return [VAREdit(self._layers(engine), self.args["p"], self.args["rho"],
+                        self.args["summ"])]
