@@ -1,35 +1,57 @@
 """OPERA's search: over-trust penalty and retrospection-allocation beam search, batched.
 
-Contract (shikiw/OPERA ``opera_decoding``; shared/spec/methods.md):
+Contract (shikiw/OPERA ``opera_decoding``):
 - Beam search in which each beam may only continue with its top ``k`` candidate tokens. All
   candidates of all beams of all requests are fed side by side in ONE forward per step
   (``_Rows.step_tree``: each candidate sees its beam's cache and itself), so no forward runs per
   candidate; the chosen candidate's keys and values are kept (``_Rows.commit``) and its logits
-  are the next step's, so OPERA costs one forward per generated token, as beam search does.
+  are the next step's, so OPERA costs one forward per generated token, as beam search does
+  (plus one when a beam continues with a filler, below).
 - For each candidate: its attention row from the LAST layer (max over heads, post-softmax,
   renormalised to sum 1) over the response so far and itself; with the earlier response rows it
-  forms the lower-triangular window ``A`` (response tokens only). Column score
-  ``1e-7 * prod_{i >= j} (scale * A[i, j])``; over-trust score = the max over columns. The
-  candidate's raw logit loses ``penalty_weights * score``; for the first 10 response tokens it
-  instead gains ``penalty_weights`` x its attention mass on image tokens. Beams then score
-  candidates by ``log_softmax`` over their candidates (other tokens at -999 before it, as the
-  reference), and transformers' beam bookkeeping (``engine.Beams``) picks.
+  forms the lower-triangular window ``A`` (response tokens only: column 0 is the first response
+  token). Column score ``1e-7 * prod_{i >= j} (scale * A[i, j])``; over-trust score = the max
+  over columns, at column ``loc``. The candidate's raw logit loses
+  ``penalty_weights * score``; while it decides one of the first 10 response tokens (tokens
+  0-9) it instead gains ``penalty_weights`` x its attention mass on image tokens. Beams then
+  score candidates by ``log_softmax`` over the vocabulary with every other token (a "filler")
+  at -999 (the reference), and transformers' beam bookkeeping (``engine.Beams``) picks.
+- Scores are kept as logs (float64): ``log(1e-7) + sum_{i >= j} (log(scale) + log(A[i, j]))``,
+  so no product overflows or underflows; ``loc`` is the argmax of the log-scores, i.e. of the
+  exact scores. The penalty is ``exp(log(penalty_weights) + max log-score)`` rounded to float32:
+  the reference's ``penalty_weights * score`` wherever that is finite in float32, and float32's
+  largest value (about 3.4e38) where it is larger. So every penalty is finite and ranks the
+  candidates as the exact one does, except that candidates whose exact penalty exceeds 3.4e38
+  tie among themselves (at about -3.4e38, below every less penalised candidate). Like the exact
+  values, they rank below the -999 fillers, of which every beam has ``V - k``, so they are never
+  chosen and the cap changes no choice. The reference instead computes in its model's float16:
+  its column scores underflow to 0 in most columns (40-95% in the audit), where its ``loc`` is
+  the first of the tied columns, and overflow to inf elsewhere, where the candidate's logit
+  becomes -inf.
+- A beam may continue with a filler: when all its parent's candidates are -inf or penalised
+  below -999, or when the candidates are too few for the beams (``k`` < beams at the first
+  step, where only the first beam counts; ``opera_fast`` when a candidate is EOS). A filler's
+  keys and values were not computed side by side, so the request then feeds every beam's chosen
+  token in one more forward (a one-token replay, as after a rollback) before its next step: the
+  token a beam emits is always the token its cache holds.
 - Retrospection, per request: each step records, per beam, the column most candidates point at
   (mode over candidates). When the mode over beams, ``loc`` (>= 10), is the recorded column of
-  more than ``threshold`` steps of EVERY beam, the request rolls back: to position
-  ``loc + 1`` (or ``loc`` once that position has been rolled back to ``num_attn_candidates``
-  times; never more often than that per position), at most ``window`` tokens back. It restores
-  the beams as they were before that position was decided, bans the (beam, token) choices made
-  there (accumulating over rollbacks), and decides again over the full vocabulary. Restored
-  beams reuse the longest prefix any current beam of the request still holds in cache; the
-  keys after it are masked (``_Rows.rewind``) and the missing tokens are fed again, so no
-  prompt is re-run. Other requests keep decoding meanwhile.
+  more than ``threshold`` steps of EVERY beam, the request rolls back (``rollback_position``): to
+  position ``loc + 1`` (or ``loc`` once that position has been rolled back to
+  ``num_attn_candidates`` times; never more often than that per position), at most ``window``
+  tokens back from the token being decided. It restores the beams as they were before that
+  position was decided, bans the (beam, token) choices made there (accumulating over rollbacks),
+  and decides again over the full vocabulary. Restored beams reuse the longest prefix any
+  current beam of the request still holds in cache; the keys after it are masked
+  (``_Rows.rewind``) and the missing tokens are fed again, so no prompt is re-run. Other
+  requests keep decoding meanwhile.
 - The reference's restore index is ``min(loc + 1, t - 1)`` for a rollback found while deciding
   token ``t`` (its history bookkeeping); this module uses the same.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,40 +63,58 @@ from .engine import Beams, _row_index
 
 EARLY_TOKENS = 10  # the first response tokens are judged by their image attention
 MIN_ROLLBACK_LOC = 10  # no rollback to a column before this
+LOG_SCORE_FACTOR = math.log(1e-7)  # the reference's column score is 1e-7 x the product
+PENALTY_MAX = torch.finfo(torch.float32).max
 
 
 # ------------------------------------------------------------------------------- pure math
 
 
-def column_products(window: torch.Tensor, scale: float) -> torch.Tensor:
-    """``prod_{i >= j} scale * window[..., i, j]`` for each column ``j`` of lower-triangular
-    attention windows (..., t, t) -> (..., t)."""
+def log_factors(attention: torch.Tensor, scale: float) -> torch.Tensor:
+    """``log(scale * attention)`` in float64, as a sum, so that a huge ``scale`` cannot
+    overflow (0 attention: -inf)."""
+    return math.log(scale) + attention.double().log()
+
+
+def log_column_products(window: torch.Tensor, scale: float) -> torch.Tensor:
+    """``log prod_{i >= j} scale * window[..., i, j]`` for each column ``j`` of lower-triangular
+    attention windows (..., t, t) -> (..., t), float64."""
     t = window.shape[-1]
     lower = torch.ones(t, t, dtype=torch.bool, device=window.device).tril()
-    factors = torch.where(lower, scale * window, torch.ones((), dtype=window.dtype))
-    return factors.prod(dim=-2)
+    return torch.where(lower, log_factors(window, scale), 0.0).sum(dim=-2)
 
 
-def column_scores(window: torch.Tensor, scale: float) -> torch.Tensor:
-    """Over-trust column scores ``1e-7 * column_products(window, scale)`` (the reference's)."""
-    return 1e-7 * column_products(window, scale)
+def log_column_scores(window: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reference's column scores ``1e-7 * prod_{i >= j} scale * window[i, j]``, as logs."""
+    return LOG_SCORE_FACTOR + log_column_products(window, scale)
 
 
-def candidate_scores(colprod: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """Column scores for candidates: ``colprod`` (nb, t) = ``prod_{i >= j} scale * A[i, j]`` over
-    a beam's response rows, ``rows`` (nb, k, t + 1) the candidates' rows -> (nb, k, t + 1)."""
-    t = colprod.shape[-1]
-    scaled = scale * rows
-    return 1e-7 * torch.cat([colprod[:, None, :] * scaled[..., :t], scaled[..., t:]], dim=-1)
+def candidate_log_scores(log_colprod: torch.Tensor, rows: torch.Tensor, scale: float
+                         ) -> torch.Tensor:
+    """Log column scores for candidates: ``log_colprod`` (nb, t) = ``log_column_products`` of a
+    beam's response rows, ``rows`` (nb, k, t + 1) the candidates' rows -> (nb, k, t + 1)."""
+    t = log_colprod.shape[-1]
+    factors = log_factors(rows, scale)
+    products = torch.cat([log_colprod[:, None, :] + factors[..., :t], factors[..., t:]], dim=-1)
+    return LOG_SCORE_FACTOR + products
 
 
-def penalty(scores: torch.Tensor, image_mass: torch.Tensor, n_response: int
+def over_trust_penalty(best_log_score: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight * exp(best_log_score)`` in float32, capped at float32's largest value (see the
+    module docstring): the reference's ``penalty_weights * score`` wherever that is finite."""
+    log_weight = math.log(weight) if weight > 0 else -math.inf
+    return (best_log_score + log_weight).exp().clamp(max=PENALTY_MAX).float()
+
+
+def penalty(log_scores: torch.Tensor, image_mass: torch.Tensor, n_response: int, weight: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penalty (nb, k), column of the max (nb, k)) for candidates deciding response token
-    ``n_response - 1``: minus the image attention mass for the first 10 tokens, else the
-    over-trust score."""
-    best, loc = scores.max(dim=-1)
-    return (-image_mass if n_response <= EARLY_TOKENS else best), loc
+    """(what the candidates' logits lose (nb, k), column of their max score (nb, k)) for
+    candidates deciding response token ``n_response - 1``: minus ``weight`` x the image attention
+    mass for the first 10 tokens (``n_response <= 10``), else the over-trust penalty."""
+    best, loc = log_scores.max(dim=-1)
+    if n_response <= EARLY_TOKENS:
+        return -weight * image_mass, loc
+    return over_trust_penalty(best, weight), loc
 
 
 def rollback_target(history: torch.Tensor, loc: int, threshold: int) -> bool:
@@ -83,6 +123,21 @@ def rollback_target(history: torch.Tensor, loc: int, threshold: int) -> bool:
     if loc < MIN_ROLLBACK_LOC:
         return False
     return bool(((history == loc).sum(-1) > threshold).all())
+
+
+def rollback_position(loc: int, n_response: int, rolled: dict[int, int], limit: int,
+                      window: int) -> tuple[int, int] | None:
+    """Where a rollback to column ``loc`` goes while deciding response token ``n_response - 1``:
+    ``(counted, restore)``. ``counted`` is the position whose rollback count ``rolled`` it uses:
+    ``loc + 1``, or ``loc`` once ``loc + 1`` has ``limit`` rollbacks (None when both have).
+    ``restore`` is the token decided again: ``counted``, but at most ``window`` tokens back
+    and at most the previous token (the reference's bookkeeping)."""
+    counted = loc + 1
+    if rolled.get(counted, 0) >= limit:
+        counted = loc
+    if rolled.get(counted, 0) >= limit:
+        return None
+    return counted, min(max(counted, n_response - 1 - window), n_response - 2)
 
 
 # ------------------------------------------------------------------------------- the search
@@ -112,7 +167,7 @@ class _Seq:
     t: int = 0  # the response token being decided
     tokens: list[list[int]] = field(default_factory=list)  # per slot: response tokens in cache
     resp: list[list[int]] = field(default_factory=list)  # per slot: their cache indices
-    colprod: torch.Tensor | None = None  # (nb, t)
+    log_colprod: torch.Tensor | None = None  # (nb, t): log_column_products of each beam
     rows: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # prefix -> row
     history: list[Any] = field(default_factory=list)  # beams at the start of each step
     chosen: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> flat choices
@@ -150,7 +205,8 @@ def opera_search(engine: Any, state: Any, method: Any, n_branches: int, config: 
         seqs.append(_Seq(i, Beams.start(1, nb), logits[_row_index(slots, n * nb, n_branches)],
                          nb, opts.scale_factor, tokens=[[] for _ in range(nb)],
                          resp=[[] for _ in range(nb)],
-                         colprod=torch.zeros(nb, 0, device=logits.device)))
+                         log_colprod=torch.zeros(nb, 0, dtype=torch.float64,
+                                                 device=logits.device)))
     results: list[tuple[list[int], str]] = [([], "length")] * n
     pad = engine.pad_id
     # A guard only: each position is rolled back to at most 2k times (k at loc + 1, k at loc),
@@ -230,27 +286,25 @@ def _normal_step(engine, sq: _Seq, probs, image, out, length, base, n_slots, n_b
     own = length + torch.arange(k, device=device)
     rows = _normalised(probs, columns, own)  # (nb, k, t + 1)
     image_mass = (probs * image[:, None, :]).sum(-1) / probs.sum(-1)
-    scores = candidate_scores(sq.colprod, rows, opts.scale_factor)
-    pen, loc = penalty(scores, image_mass, t + 1)
+    log_scores = candidate_log_scores(sq.log_colprod, rows, opts.scale_factor)
+    pen, loc = penalty(log_scores, image_mass, t + 1, opts.penalty_weights)
     row_mode = loc.mode(dim=-1).values  # (nb,)
     sq.history.append(sq.beams.take(torch.tensor([0])))
     sq.locs.append(row_mode)
     target = int(row_mode.mode().values)
-    penalised = sq.cand_logit - opts.penalty_weights * pen.to(sq.cand_logit.dtype)
+    penalised = sq.cand_logit - pen.to(sq.cand_logit.dtype)
     if trace is not None:
         trace.append({"request": sq.index, "t": t, "candidates": sq.cand.clone(),
                       "tokens": [list(x) for x in sq.tokens],
-                      "rows": rows.clone(), "scores": scores.clone(), "penalty": pen.clone(),
-                      "image_mass": image_mass.clone(), "loc": target})
-    if rollback_target(torch.stack(sq.locs, -1), target, opts.threshold):
-        to = target + 1
-        if sq.rolled.get(to, 0) >= opts.candidates:
-            to -= 1
-        if sq.rolled.get(to, 0) < opts.candidates:
-            sq.rolled[to] = sq.rolled.get(to, 0) + 1
-            if (t + 1) - to > opts.window + 1:
-                to = max(1, t + 1 - opts.window - 1)
-            return _rollback(sq, min(to, t - 1), trace)
+                      "running": sq.beams.running[0].tolist(), "logits": sq.logits.clone(),
+                      "rows": rows.clone(), "log_scores": log_scores.clone(),
+                      "penalty": pen.clone(), "image_mass": image_mass.clone(), "loc": target})
+    where = (rollback_position(target, t + 1, sq.rolled, opts.candidates, opts.window)
+             if rollback_target(torch.stack(sq.locs, -1), target, opts.threshold) else None)
+    if where is not None:
+        counted, restore = where
+        sq.rolled[counted] = sq.rolled.get(counted, 0) + 1
+        return _rollback(sq, restore, trace)
     vocab = sq.cand_logit.new_full((nb, out.shape[-1]), -999.0)
     vocab.scatter_(1, sq.cand, penalised)
     return _decide(engine, sq, torch.log_softmax(vocab, dim=-1), out, length, base, n_slots,
@@ -259,7 +313,9 @@ def _normal_step(engine, sq: _Seq, probs, image, out, length, base, n_slots, n_b
 
 def _decide(engine, sq: _Seq, log_probs, out, length, base, n_slots, n_branches, config,
             rows=None):
-    """One beam step of ``sq`` from log-probs (nb, V); returns the rows' moves or None."""
+    """One beam step of ``sq`` from log-probs (nb, V); returns the rows' moves or None.
+    ``rows`` (nb, k, t + 1): the attention rows of the candidates fed side by side this step
+    (None after a rollback)."""
     nb, t = sq.nb, sq.t
     vocab = log_probs.shape[-1]
     parent, complete, best = sq.beams.advance(engine, log_probs.cpu(), t, config)
@@ -269,31 +325,37 @@ def _decide(engine, sq: _Seq, log_probs, out, length, base, n_slots, n_branches,
         sq.result = best[0]
         return None
     parents = parent[0].tolist()
-    if rows is None:  # after a rollback: the chosen tokens are fed next (a one-token replay)
-        sq.tokens = [list(sq.tokens[p]) for p in parents]
-        sq.resp = [list(sq.resp[p]) for p in parents]
-        sq.replay, sq.then = [[int(x)] for x in token], "go"
-        sq.pending = [None] * nb
-        return parents, [0] * nb, [False] * nb, []
-    device = rows.device
-    par = parent[0].to(device)
-    tok = token.to(device)
-    hit = sq.cand[par] == tok[:, None]  # (nb, k)
-    # a token outside its parent's candidates only fills a beam at -999 (too few candidates,
-    # e.g. one per beam): it never wins, and its row keeps the first candidate's cache
-    pick = torch.where(hit.any(-1), hit.float().argmax(-1), 0)
+    if rows is not None:
+        par, tok = parent[0].to(rows.device), token.to(rows.device)
+        hit = sq.cand[par] == tok[:, None]  # (nb, k): the candidate each beam continues with
+        if hit.any(-1).all():
+            return _keep_candidates(sq, rows, out, par, tok, hit.float().argmax(-1), length,
+                                    base, n_slots, n_branches)
+    # After a rollback, or when a beam chose a filler (not among its parent's candidates, so
+    # never fed): every beam's chosen token is fed next (a one-token replay).
+    sq.tokens = [list(sq.tokens[p]) for p in parents]
+    sq.resp = [list(sq.resp[p]) for p in parents]
+    sq.replay, sq.then = [[int(x)] for x in token], "go"
+    sq.pending = [None] * nb
+    return parents, [0] * nb, [False] * nb, []
+
+
+def _keep_candidates(sq: _Seq, rows, out, par, tok, pick, length, base, n_slots, n_branches):
+    """Each beam keeps its parent's candidate ``pick`` (nb,), the token ``tok``: its keys and
+    values, attention row and logits."""
+    t = sq.t
     chosen = rows[par, pick]  # (nb, t + 1)
-    sq.colprod = torch.cat([sq.colprod[par] * sq.scale * chosen[:, :t],
-                            sq.scale * chosen[:, t:]], dim=-1)
+    factors = log_factors(chosen, sq.scale)
+    sq.log_colprod = torch.cat([sq.log_colprod[par] + factors[:, :t], factors[:, t:]], dim=-1)
     out_rows = _row_index(base + par, n_slots, n_branches)
     sq.logits = out[out_rows, pick.repeat(n_branches)]  # branch-major (n_branches * nb, V)
-    new_tokens = token.tolist()
-    sq.tokens = [sq.tokens[p] + [x] for p, x in zip(parents, new_tokens)]
+    parents = par.tolist()
+    sq.tokens = [sq.tokens[p] + [x] for p, x in zip(parents, tok.tolist())]
     sq.resp = [sq.resp[p] + [length] for p in parents]
     for j, toks in enumerate(sq.tokens):
         sq.rows[tuple(toks)] = chosen[j]
     sq.t = t + 1
-    return parents, pick.tolist(), [True] * nb, []
+    return parents, pick.tolist(), [True] * sq.nb, []
 
 
 def _rollback(sq: _Seq, r: int, trace):
@@ -359,7 +421,7 @@ def _replay_step(engine, method, sq: _Seq, probs, out, length, base, n_slots, n_
         sq.replay = None
         sq.logits = logits
         sq.t += 1
-        sq.colprod = torch.stack([_colprod(sq, toks) for toks in sq.tokens])
+        sq.log_colprod = torch.stack([_log_colprod(sq, toks) for toks in sq.tokens])
         return list(range(nb)), [0] * nb, moves, []
     # redo: the full vocabulary, shifted below zero, the banned choices at -999 (the reference)
     scores = engine._scores(method, logits, nb, names, sq.t)
@@ -374,10 +436,10 @@ def _replay_step(engine, method, sq: _Seq, probs, out, length, base, n_slots, n_
     return parents, picks, [moves[p] for p in parents], []
 
 
-def _colprod(sq: _Seq, tokens: list[int]) -> torch.Tensor:
-    """``prod_{i >= j} scale * A[i, j]`` over the stored rows of a beam's response."""
+def _log_colprod(sq: _Seq, tokens: list[int]) -> torch.Tensor:
+    """``log_column_products`` of the stored rows of a beam's response."""
     t = len(tokens)
     window = torch.zeros(t, t, device=sq.logits.device)
     for i in range(t):
         window[i, : i + 1] = sq.rows[tuple(tokens[: i + 1])]
-    return column_products(window, sq.scale)
+    return log_column_products(window, sq.scale)
