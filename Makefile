@@ -1,5 +1,6 @@
-# The two commands of the README: `make demo` (main job) and `make test` (the test suite).
-# Both create the virtual environment on first use; nothing else needs installing by hand.
+# The two commands of the README: `make demo` (main job) and `make test` (the test suite, without
+# the tests marked slow; `make test-slow` runs only those, and CI runs both).
+# All create the virtual environment on first use; nothing else needs installing by hand.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -15,6 +16,10 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# pytest exits 5 when it collects no test: no slow test at all is not a failure.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
+
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m ""
 
@@ -24,4 +29,4 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-.PHONY: install test test-all demo lint
+.PHONY: install test test-slow test-all demo lint

@@ -30,6 +30,10 @@ def ritual_delta(z_pos: torch.Tensor, alpha_pos: float) -> torch.Tensor:
     return alpha_pos * z_pos
 
 
+M3ID_MAX_EXPONENT = 30.0  # cap on lam * t: keeps the weight finite (decoding/methods/m3id.py)
+
+
 def m3id_weight(step: int, lam: float) -> float:
-    """``(1 - g_t) / g_t`` with ``g_t = exp(-lam * t)``; 0 at the first step."""
-    return math.expm1(lam * step)  # (1 - e^{-x}) / e^{-x} = e^x - 1
+    """``(1 - g_t) / g_t`` with ``g_t = exp(-lam * t)`` (``= e^{lam t} - 1``), with ``lam * t``
+    capped at ``M3ID_MAX_EXPONENT``; 0 at the first step, finite at every step."""
+    return math.expm1(min(lam * step, M3ID_MAX_EXPONENT))

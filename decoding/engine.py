@@ -58,7 +58,7 @@ from .inputs import collate, encode
 from .method import Method, Request, RowInfo
 from .registry import resolve
 from .sampling import sample, warp
-from .seeds import derive_seed, fresh_seed, request_seeds
+from .seeds import branch_key, derive_seed, fresh_seed, request_seeds
 from .stops import cut_at_stop, has_stop
 
 logger = logging.getLogger(__name__)
@@ -558,11 +558,12 @@ class Engine:
     def branch_rows(self, requests: list[Request], branches: list, seeds: list[int]
                     ) -> list[dict[str, torch.Tensor]]:
         """Encoded rows of every branch (branch-major), each built with its own generator,
-        seeded from its request's seed and the branch's name (decoding/seeds.py)."""
+        seeded from its request's seed and the branch's own name (decoding/seeds.py)."""
         rows = []
         for branch in branches:
+            key = branch_key(branch.name)
             for request, seed in zip(requests, seeds):
-                rng = torch.Generator().manual_seed(derive_seed(seed, "branch", branch.name))
+                rng = torch.Generator().manual_seed(derive_seed(seed, "branch", key))
                 row = self._encode(branch.make(request, rng))
                 if branch.on_pixels is not None and "pixel_values" in row:
                     row["pixel_values"] = branch.on_pixels(row["pixel_values"], rng)

@@ -11,8 +11,10 @@
 3. Logits combination and search: each method adds a ``delta`` to the real branch's logits
    ``z`` (a contrast such as ``alpha * (z - z_noised)``) and may ask for the adaptive
    plausibility constraint (APC: keep tokens with ``z >= log(beta) + max z``, on the real
-   branch's raw logits). Composed methods add their deltas and apply APC once with the largest
-   beta, so ``ritual+vcd`` is ``z + a_pos * z_T + a * (z - z_noised)`` as in RITUAL's reference.
+   branch's raw logits; a token exactly at the cutoff is kept, so ``beta = 1`` keeps only the
+   max). Composed methods add their deltas and apply APC once with the largest beta, so
+   ``ritual+vcd`` is ``z + a_pos * z_T + a * (z - z_noised)`` as the RITUAL paper combines them
+   (its reference code cannot run RITUAL and VCD together, so this follows the paper only).
    The search (greedy, sampling, beam, ...) then picks from the scores.
 
 Deltas written on the logit scale equal their log-probability forms up to a per-row constant,
@@ -185,7 +187,8 @@ class ScopedRows:
 
 def apc(scores: torch.Tensor, raw: torch.Tensor, beta: float) -> torch.Tensor:
     """Adaptive plausibility constraint: ``scores`` where ``raw >= log(beta) + max(raw)`` (per
-    row), -inf elsewhere. ``beta = 0`` keeps every token."""
+    row), -inf elsewhere. A token exactly at the cutoff is kept, so ``beta = 1`` keeps the max
+    (and its ties) only; ``beta = 0`` keeps every token."""
     if beta <= 0:
         return scores
     cutoff = math.log(beta) + raw.max(dim=-1, keepdim=True).values

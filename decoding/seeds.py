@@ -4,8 +4,11 @@ Contract: everything random about one request derives from ONE integer, its seed
 nothing else (not its place in a batch, the batch's size, the process, or a resume):
 - sampling draws from ``torch.Generator().manual_seed(seed)``;
 - each branch of a method (VCD's noise, RITUAL's transform) draws from its own generator seeded
-  with ``derive_seed(seed, "branch", <branch name>)``, so two branches of one request never share
-  a draw (``ritual+vcd``) and a branch's draw does not depend on whether the request samples.
+  with ``derive_seed(seed, "branch", branch_key(name))``: the branch's own name (``"noised"``),
+  the same alone and inside a composition (``vcd`` and ``vhr+vcd`` draw the same noise, so
+  their results pair up), while two branches of one request never share a draw
+  (``ritual+vcd``: ``"transformed"`` and ``"noised"``; a composition names each method once),
+  and a branch's draw does not depend on whether the request samples.
 
 ``seed=None`` asks for fresh randomness: :func:`fresh_seed` draws one from the operating system,
 and the seed used is returned with the result so the request can be replayed. An evaluation run
@@ -37,6 +40,12 @@ def derive_seed(seed: int, *key: str | int) -> int:
     text = json.dumps([seed, *key], separators=(",", ":"))
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> (64 - SEED_BITS)
+
+
+def branch_key(name: str) -> str:
+    """A branch's own name: ``"noised"`` for ``vcd``'s branch, also when a composition calls it
+    ``"vcd.noised"``."""
+    return name.rsplit(".", 1)[-1]
 
 
 def request_seeds(seed: int | Sequence[int | None] | None, n: int) -> list[int]:

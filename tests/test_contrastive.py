@@ -33,6 +33,17 @@ def test_apc_keeps_tokens_within_beta_of_the_max():
     assert torch.equal(apc(scores, Z, 0.0), scores)
 
 
+def test_apc_keeps_the_token_exactly_at_the_cutoff():
+    # beta = 1: the cutoff is the max itself, so only the max (ties included) survives
+    raw = torch.tensor([[1.0, 3.0, 3.0, 2.0]])
+    scores = torch.tensor([[5.0, 6.0, 7.0, 8.0]])
+    assert torch.equal(apc(scores, raw, 1.0), torch.tensor([[INF, 6.0, 7.0, INF]]))
+    # a logit equal to log(beta) + max is kept; one just below it is not
+    at = math.log(0.5)  # the max is 0, so the cutoff is exactly float32(log 0.5)
+    raw = torch.tensor([[0.0, at, at - 1e-3, -0.5]])
+    assert torch.equal(apc(scores, raw, 0.5), torch.tensor([[5.0, 6.0, INF, 8.0]]))
+
+
 def test_vcd_formula():
     out = combine("vcd", {}, {"noised": Z_NEG})
     # (1+1)*z - 1*z_neg = [3, 0, 0, -6]; APC drops token 3 (z=-3 < -0.303)
@@ -64,6 +75,30 @@ def test_m3id_weight_grows_with_the_step():
     w = (1 - math.exp(-0.02 * 10)) / math.exp(-0.02 * 10)
     out = combine("m3id", {"beta": 0.0}, {"no_image": Z_NEG}, step=10)
     torch.testing.assert_close(out, Z + w * (Z - Z_NEG), rtol=0, atol=1e-6)
+
+
+def test_m3id_lam_is_bounded_and_its_scores_stay_finite_at_any_step(images, prompts):
+    """``expm1(lam * t)`` overflowed (OverflowError, a 500 from the server) for a large lam, and
+    the float32 scores became inf/NaN past lam * t ~ 88: lam is now at most 1 and the exponent
+    is capped (decoding/methods/m3id.py)."""
+    engine = tiny_engine("llava")
+    with pytest.raises(ValueError, match=r"'lam' = 400.0 is out of range.*lam <= 1"):
+        engine.generate(images[0], prompts[0], method="m3id", method_args={"lam": 400},
+                        max_new_tokens=3)
+    z = 40.0 * Z  # logits of a realistic size, and a contrast of up to 120
+    for step in (0, 1, 30, 88, 89, 709, 710, 4_000, 100_000):
+        out = combine("m3id", {"lam": 1.0, "beta": 0.0}, {"no_image": -2.0 * z}, step=step, z=z)
+        assert torch.isfinite(out).all(), step
+    # the weight stops growing once lam * t reaches 30, and not before
+    past = combine("m3id", {"lam": 1.0, "beta": 0.0}, {"no_image": Z_NEG}, step=100_000)
+    torch.testing.assert_close(past, Z + math.expm1(30.0) * (Z - Z_NEG))
+    before = combine("m3id", {"lam": 1.0, "beta": 0.0}, {"no_image": Z_NEG}, step=29)
+    torch.testing.assert_close(before, Z + math.expm1(29.0) * (Z - Z_NEG))
+    # at the range's edge, a long decode (ignoring EOS) keeps finite scores
+    out = engine.generate(images[0], prompts[0], method="m3id", method_args={"lam": 1.0},
+                          max_new_tokens=120, ignore_eos=True, logprobs=1)
+    assert len(out.token_ids) == 120
+    assert all(math.isfinite(t.logprob) for t in out.logprobs)
 
 
 def test_pai_cfg_equals_the_log_prob_formula_up_to_a_row_constant():
@@ -109,9 +144,10 @@ def test_batch_of_four_equals_each_alone(arch, method, images, prompts):
     ims = images if engine.adapter.multimodal else [None] * 4
     for kw in (dict(max_new_tokens=6), dict(max_new_tokens=6, do_sample=True, seed=[5, 6, 7, 8])):
         batch = engine.generate(ims, prompts, method=method, **kw)
-        seeds = kw.get("seed", [None] * 4)
-        alone = [engine.generate(i, p, method=method, **{**kw, "seed": s}).token_ids
-                 for i, p, s in zip(ims, prompts, seeds)]
+        assert [r.seed for r in batch] == kw.get("seed", [r.seed for r in batch])
+        # each replayed alone with its seed (fresh ones without seed=) gives its tokens
+        alone = [engine.generate(i, p, method=method, **{**kw, "seed": r.seed}).token_ids
+                 for i, p, r in zip(ims, prompts, batch)]
         assert [r.token_ids for r in batch] == alone
 
 
@@ -189,9 +225,11 @@ def test_scmoe_bans_eos_unless_early_stop_and_strength_zero_is_baseline(prompts)
     assert [r.token_ids for r in off] == [r.token_ids for r in base]
     saved = engine.eos_ids
     try:
-        engine.eos_ids = [base[0].token_ids[1]]  # a token greedy decoding picks
+        # several EOS ids, all tokens greedy decoding picks: every one is banned, not only the
+        # first (the reference bans one id; see scmoe.py)
+        engine.eos_ids = list(dict.fromkeys(base[0].token_ids[1:] + base[1].token_ids))
         banned = engine.generate(None, prompts[0], method="scmoe", max_new_tokens=6)
-        assert engine.eos_ids[0] not in banned.token_ids and len(banned.token_ids) == 6
+        assert not set(engine.eos_ids) & set(banned.token_ids) and len(banned.token_ids) == 6
     finally:
         engine.eos_ids = saved
 

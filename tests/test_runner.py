@@ -51,15 +51,18 @@ def test_pope_run_writes_samples_and_reference_scores(world, tmp_path):
     assert run["method"] == "none" and run["batch_size"] == 5 and run["decoding"]["max_new_tokens"] == 3
     assert run["data"]["prompt_suffix"] == " Please answer this question with one word."
     assert all(f["sha256"] for f in run["data"]["files"]) and run["versions"]["torch"]
-    # the runner's numbers equal the reference scorer run on the same answers
-    for split in ("random", "adversarial"):
-        answers = tmp_path / f"{split}.jsonl"
-        answers.write_text("".join(
+    # the runner's numbers (every metric, every split, and pooled) equal the reference scorer
+    # run on the same answers
+    questions, answers = [], []
+    for split in pope.SPLITS:
+        questions.append(world / "pope" / "test" / f"coco_pope_{split}.json")
+        answers.append(tmp_path / f"{split}.jsonl")
+        answers[-1].write_text("".join(
             json.dumps({"question_id": s["meta"]["question_id"], "text": s["output"]}) + "\n"
             for s in got if s["meta"]["split"] == split))
-        ref = pope.score_files([world / "pope" / "test" / f"coco_pope_{split}.json"], [answers])
-        assert res["metrics"]["per_split"][split]["f1"] == ref["overall"]["f1"]
-        assert res["metrics"]["per_split"][split]["accuracy"] == ref["overall"]["accuracy"]
+    ref = pope.score_files(questions, answers)
+    assert res["metrics"]["per_split"] == ref["splits"] and list(ref["splits"]) == list(pope.SPLITS)
+    assert {k: v for k, v in res["metrics"].items() if k != "per_split"} == ref["overall"]
 
 
 def test_crash_then_rerun_resumes_to_the_same_results(world, tmp_path, monkeypatch):

@@ -71,11 +71,17 @@ def test_two_items_of_a_run_get_different_ritual_transforms_and_vcd_noise(images
     assert torch.equal(again, noise[0])
 
 
-def test_branches_of_one_request_draw_from_their_own_streams():
-    # ritual+vcd: RITUAL's draws and VCD's noise come from different generators
-    assert derive_seed(7, "branch", "ritual") != derive_seed(7, "branch", "vcd")
-    names = [b.name for b in resolve("ritual+vcd").branches()]
-    assert len(set(names)) == 2
+def test_branches_draw_from_their_own_streams_alone_or_composed(images):
+    engine = tiny_engine("llava")
+    request = engine.request(images[0], "what is in the image ?")
+    composed = engine.branch_rows([request], resolve("ritual+vcd").branches(), [7])
+    ritual = engine.branch_rows([request], resolve("ritual").branches(), [7])
+    vcd = engine.branch_rows([request], resolve("vcd").branches(), [7])
+    # each branch draws what it draws alone: its stream is keyed by its own name ...
+    assert torch.equal(composed[0]["pixel_values"], ritual[0]["pixel_values"])
+    assert torch.equal(composed[1]["pixel_values"], vcd[0]["pixel_values"])
+    # ... and the two streams of one request differ
+    assert derive_seed(7, "branch", "transformed") != derive_seed(7, "branch", "noised")
 
 
 @pytest.mark.parametrize("method", ["ritual", "vcd"])

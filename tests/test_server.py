@@ -2,9 +2,11 @@
 
 - The official ``openai`` client, plain and streaming, with and without a mitigation in
   ``extra_body``, image as a data URL (and as a path under the allowed folder): the answers equal
-  ``Engine.generate`` for the same request (greedy and seeded sampling), usage included.
-- Auth: a missing or wrong key is a 401; every bad-input class answers its status in OpenAI's
-  envelope, is logged, and the server keeps serving.
+  ``Engine.generate`` for the same request and seed (the one sent, or the one the server drew and
+  answered), greedy and sampling, usage included.
+- Auth: a missing or wrong key, or the right key under another scheme than ``Bearer``, is a 401;
+  every bad-input class answers its status in OpenAI's envelope, is logged, and the server keeps
+  serving.
 - On a server whose engine waits at a gate: the queue bound (429), cancellation of clients that
   disconnect (plain and streaming), batching of queued requests with different ``max_tokens``
   (each equals its own ``Engine.generate``), a failing engine (500), graceful shutdown.
@@ -165,8 +167,9 @@ def test_plain_greedy_equals_engine(server, client, mitigation):
                                          temperature=0, **extra)
     method = (mitigation or {}).get("method", "none")
     args = {k: v for k, v in (mitigation or {}).items() if k != "method"}
+    # no seed sent: the server draws one and answers it (VCD's noise depends on it)
     want = server.engine.generate(IMAGE, PROMPT, method=method, method_args=args,
-                                  max_new_tokens=6)
+                                  max_new_tokens=6, seed=out.model_extra["seed"])
     assert out.object == "chat.completion" and out.model == MODEL
     assert out.choices[0].message.content == want.text
     assert out.choices[0].message.role == "assistant"
@@ -187,8 +190,10 @@ def test_streaming_equals_engine(server, client, mitigation):
     chunks = list(stream)
     method = (mitigation or {}).get("method", "none")
     args = {k: v for k, v in (mitigation or {}).items() if k != "method"}
+    seeds = {c.model_extra["seed"] for c in chunks}  # every chunk answers the seed drawn
+    assert len(seeds) == 1
     want = server.engine.generate(IMAGE, PROMPT, method=method, method_args=args,
-                                  max_new_tokens=6)
+                                  max_new_tokens=6, seed=seeds.pop())
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -293,6 +298,22 @@ def test_auth_missing_or_wrong_key_is_401(server):
     with pytest.raises(openai.AuthenticationError):
         wrong.chat.completions.create(model=MODEL, messages=user(IMAGE_URL), max_tokens=2)
     assert_healthy(server)
+
+
+def test_auth_needs_the_bearer_scheme(server):
+    """The right key under another scheme (or none) is a 401; the scheme's name is
+    case-insensitive (RFC 9110), so ``bearer`` works as ``Bearer`` does."""
+    for value in (f"Basic {KEY}", f"Token {KEY}", f"Bearer{KEY}", f"{KEY} {KEY}", "Bearer",
+                  f"Bearer {KEY}x", f"Basic Bearer {KEY}"):
+        headers = {"Authorization": value}
+        response = httpx.post(server.url + "/v1/chat/completions", json=body(), headers=headers)
+        assert assert_envelope(response, 401)["code"] == "invalid_api_key", value
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert_envelope(httpx.get(server.url + "/v1/models", headers=headers), 401)
+    for value in (f"bearer {KEY}", f"BEARER {KEY}", f"Bearer {KEY}"):
+        response = post(server, body(), headers={"Authorization": value})
+        assert response.status_code == 200, (value, response.text)
+        assert response.json()["choices"][0]["message"]["content"] is not None
 
 
 def _messages_with(url: str) -> dict[str, Any]:
@@ -945,7 +966,7 @@ def test_default_method_from_start_up_applies_and_can_be_adjusted():
     assert plain["mitigation"] == {"method": "vcd", "alpha": 0.5, "beta": 0.1, "noise_step": 500}
     assert adjusted["mitigation"]["noise_step"] == 100 and adjusted["mitigation"]["alpha"] == 0.5
     want = engine.generate(IMAGE, PROMPT, method="vcd", method_args={"alpha": 0.5},
-                           max_new_tokens=4)
+                           max_new_tokens=4, seed=plain["seed"])
     assert plain["choices"][0]["message"]["content"] == want.text
 
 

@@ -6,6 +6,13 @@ third), with weight 1 (the routing weights renormalised over the one chosen expe
 the same batched forward as the real rows through forward hooks on the routers' public modules
 (``veridical.decoding.routing``). Scores: ``(1 + beta) * z_strong - beta * z_weak``, APC with
 ``alpha`` on ``z_strong``; EOS is banned unless ``early_stop`` (as the reference does).
+
+EOS ban, a deliberate difference: the reference bans one id (``eos_token_id``, by default
+``tokenizer.eos_token_id``); here every id in ``engine.eos_ids`` gets -inf. The engine ends a
+sequence on any of those ids, and many chat models have several (Qwen's ``<|im_end|>`` and
+``<|endoftext|>``, Llama 3's ``<|eot_id|>`` and ``<|end_of_text|>``): banning only one would let
+decoding stop on another, which is what ``early_stop = False`` exists to prevent. With a single
+EOS id (the reference's models) the two are the same.
 """
 
 import torch
