@@ -65,9 +65,13 @@ def test_pope_run_writes_samples_and_reference_scores(world, tmp_path):
     assert {k: v for k, v in res["metrics"].items() if k != "per_split"} == ref["overall"]
 
 
+# a random branch and sampling: every item's output depends on its own seed
+SAMPLED = ["--method", "ritual", "--do-sample", "--seed", "4"]
+
+
 def test_crash_then_rerun_resumes_to_the_same_results(world, tmp_path, monkeypatch):
     full = tmp_path / "full"
-    args = [*POPE, "--data", str(world), "--split", "adversarial"]
+    args = [*POPE, "--data", str(world), "--split", "adversarial", *SAMPLED]
     assert run_eval(*args, "--output", str(full)) == 0
 
     from veridical.decoding.engine import Engine
@@ -88,7 +92,7 @@ def test_crash_then_rerun_resumes_to_the_same_results(world, tmp_path, monkeypat
         f.write('{"id": "adversarial/99", "prom')
     monkeypatch.setattr(Engine, "generate", real)
     assert run_eval(*args, "--output", str(part)) == 0
-    assert [s["id"] for s in samples(part)] == [s["id"] for s in samples(full)]
+    assert samples(part) == samples(full)  # outputs and seeds too, item by item
     assert results(part)["metrics"] == results(full)["metrics"]
 
 
@@ -164,7 +168,7 @@ def run_eval_raise(*argv):
 
 def test_two_processes_merge_to_the_single_process_result(world, tmp_path):
     single = tmp_path / "single"
-    args = [*POPE, "--data", str(world), "--split", "random", "--limit", "12"]
+    args = [*POPE, "--data", str(world), "--split", "random", "--limit", "12", *SAMPLED]
     assert run_eval(*args, "--output", str(single)) == 0
     multi = tmp_path / "multi"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
