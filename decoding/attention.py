@@ -148,6 +148,11 @@ class EditPlan:
 _PLAN: ContextVar[EditPlan | None] = ContextVar("veridical_edit_plan", default=None)
 
 
+def current_plan() -> EditPlan | None:
+    """The plan of the forward running now (None outside an edited forward)."""
+    return _PLAN.get()
+
+
 @contextlib.contextmanager
 def plan_active(plan: EditPlan | None) -> Iterator[None]:
     token = _PLAN.set(plan)
@@ -253,12 +258,9 @@ def _fused(layer, edits, plan, module, query, key, value, attention_mask, scalin
     fused kernel and every edit maps onto it; else None (the torch route above)."""
     from veridical import kernels
 
-    impl = plan.impl
     if plan.n_new > 1:  # side-by-side candidates carry a tree mask the kernel does not take
         return None
-    if impl == "auto":
-        impl = "triton" if kernels._triton_serves(query) else "torch"
-    if impl != "triton":
+    if kernels.route(query, plan.impl) != "triton":
         return None
     inputs = AttentionInputs(module, query, key, value, attention_mask,
                              scaling if scaling is not None else query.shape[-1] ** -0.5)
@@ -328,18 +330,35 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def set_text_attention(model: torch.nn.Module, name: str, multimodal: bool) -> str | dict:
+    """Switch the language model (only) to the attention implementation ``name`` through
+    transformers' public ``set_attn_implementation``; return what :func:`restore` restores.
+    The one place that reads a config's current implementation (transformers keeps it in a
+    private attribute and offers no public getter)."""
+    config = model.config
+    if multimodal:
+        previous: str | dict = {"text_config": config.get_text_config()._attn_implementation}
+        model.set_attn_implementation({"text_config": name})
+    else:
+        previous = config._attn_implementation
+        model.set_attn_implementation(name)
+    return previous
+
+
+@contextlib.contextmanager
+def text_attention(model: torch.nn.Module, name: str, multimodal: bool) -> Iterator[None]:
+    """The language model on attention ``name`` inside the block (e.g. ``"eager"``)."""
+    previous = set_text_attention(model, name, multimodal)
+    try:
+        yield
+    finally:
+        restore(model, previous)
+
+
 def use_edits(model: torch.nn.Module, multimodal: bool) -> str | dict:
     """Switch the language model to the ``veridical`` attention; return what to restore."""
     register()
-    config = model.config
-    if multimodal:
-        text = config.get_text_config()
-        previous = {"text_config": text._attn_implementation}
-        model.set_attn_implementation({"text_config": NAME})
-    else:
-        previous = config._attn_implementation
-        model.set_attn_implementation(NAME)
-    return previous
+    return set_text_attention(model, NAME, multimodal)
 
 
 def restore(model: torch.nn.Module, previous: str | dict) -> None:

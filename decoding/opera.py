@@ -3,8 +3,8 @@
 Contract (shikiw/OPERA ``opera_decoding``):
 - Beam search in which each beam may only continue with its top ``k`` candidate tokens. All
   candidates of all beams of all requests are fed side by side in ONE forward per step
-  (``_Rows.step_tree``: each candidate sees its beam's cache and itself), so no forward runs per
-  candidate; the chosen candidate's keys and values are kept (``_Rows.commit``) and its logits
+  (``BatchState.step_tree``: each candidate sees its beam's cache and itself), so no forward runs per
+  candidate; the chosen candidate's keys and values are kept (``BatchState.commit``) and its logits
   are the next step's, so OPERA costs one forward per generated token, as beam search does
   (plus one when a beam continues with a filler, below).
 - For each candidate: its attention row from the LAST layer (max over heads, post-softmax,
@@ -15,7 +15,7 @@ Contract (shikiw/OPERA ``opera_decoding``):
   ``penalty_weights * score``; while it decides one of the first 10 response tokens (tokens
   0-9) it instead gains ``penalty_weights`` x its attention mass on image tokens. Beams then
   score candidates by ``log_softmax`` over the vocabulary with every other token (a "filler")
-  at -999 (the reference), and transformers' beam bookkeeping (``engine.Beams``) picks.
+  at -999 (the reference), and transformers' beam bookkeeping (``beam.Beams``) picks.
 - Scores are kept as logs (float64): ``log(1e-7) + sum_{i >= j} (log(scale) + log(A[i, j]))``,
   so no product overflows or underflows; ``loc`` is the argmax of the log-scores, i.e. of the
   exact scores. The penalty is ``exp(log(penalty_weights) + max log-score)`` rounded to float32:
@@ -43,7 +43,7 @@ Contract (shikiw/OPERA ``opera_decoding``):
   position was decided, bans the (beam, token) choices made there (accumulating over rollbacks),
   and decides again over the full vocabulary. Restored beams reuse the longest prefix any
   current beam of the request still holds in cache; the keys after it are masked
-  (``_Rows.rewind``) and the missing tokens are fed again, so no prompt is re-run. Other
+  (``BatchState.rewind``) and the missing tokens are fed again, so no prompt is re-run. Other
   requests keep decoding meanwhile.
 - The reference's restore index is ``min(loc + 1, t - 1)`` for a rollback found while deciding
   token ``t`` (its history bookkeeping); this module uses the same.
@@ -59,7 +59,9 @@ import torch
 
 from veridical.errors import InputError
 
-from .engine import Beams, _row_index
+from .beam import Beams
+from .context import MethodContext
+from .state import BatchState, row_index
 
 EARLY_TOKENS = 10  # the first response tokens are judged by their image attention
 MIN_ROLLBACK_LOC = 10  # no rollback to a column before this
@@ -160,7 +162,7 @@ class _Seq:
     """OPERA's state of one request (its ``nb`` beams are consecutive slots)."""
 
     index: int
-    beams: Any  # engine.Beams of this request alone
+    beams: Any  # beam.Beams of this request alone
     logits: torch.Tensor  # (n_branches * nb, V) rows predicting the next token
     nb: int
     scale: float
@@ -182,7 +184,7 @@ class _Seq:
     result: tuple[list[int], str] | None = None
 
 
-def opera_search(engine: Any, state: Any, method: Any, n_branches: int, config: Any,
+def opera_search(ctx: MethodContext, state: BatchState, method: Any, n_branches: int, config: Any,
                  seeds: list[int | None], opts: OperaSettings, trace: list | None = None
                  ) -> list[tuple[list[int], str]]:
     """Decode every request with OPERA (see the module docstring); ``trace`` (a list) receives
@@ -196,19 +198,19 @@ def opera_search(engine: Any, state: Any, method: Any, n_branches: int, config: 
     names = state.info.names
     logits = state.prefill()
     expand = torch.arange(n, device=logits.device).repeat_interleave(nb)
-    rows = _row_index(expand, n, n_branches)
+    rows = row_index(expand, n, n_branches)
     state.select(rows)
     logits = logits[rows]
     seqs = []
     for i in range(n):
         slots = torch.arange(i * nb, (i + 1) * nb, device=logits.device)
-        seqs.append(_Seq(i, Beams.start(1, nb), logits[_row_index(slots, n * nb, n_branches)],
+        seqs.append(_Seq(i, Beams.start(1, nb), logits[row_index(slots, n * nb, n_branches)],
                          nb, opts.scale_factor, tokens=[[] for _ in range(nb)],
                          resp=[[] for _ in range(nb)],
                          log_colprod=torch.zeros(nb, 0, dtype=torch.float64,
                                                  device=logits.device)))
     results: list[tuple[list[int], str]] = [([], "length")] * n
-    pad = engine.pad_id
+    pad = ctx.pad_id
     # A guard only: each position is rolled back to at most 2k times (k at loc + 1, k at loc),
     # and a rollback replays at most the tokens decoded so far.
     limit = (config.max_new_tokens + 2) * (1 + 2 * k * (config.max_new_tokens + 2))
@@ -219,7 +221,7 @@ def opera_search(engine: Any, state: Any, method: Any, n_branches: int, config: 
         feed = torch.full((n_slots, k), pad, dtype=torch.long, device=logits.device)
         for q, sq in enumerate(seqs):
             if sq.replay is None:
-                scores = engine._scores(method, sq.logits, nb, names, sq.t)
+                scores = ctx.scores(method, sq.logits, nb, names, sq.t)
                 sq.cand_logit, sq.cand = scores.topk(k, dim=-1)  # (nb, k)
                 feed[q * nb:(q + 1) * nb] = sq.cand
             else:
@@ -238,10 +240,10 @@ def opera_search(engine: Any, state: Any, method: Any, n_branches: int, config: 
             base = q * nb
             slot_rows = slice(base, base + nb)
             if sq.replay is None:
-                step = _normal_step(engine, sq, probs[slot_rows], image[slot_rows].float(), out,
+                step = _normal_step(ctx, sq, probs[slot_rows], image[slot_rows].float(), out,
                                     length, base, n_slots, n_branches, opts, config, trace)
             else:
-                step = _replay_step(engine, method, sq, probs[slot_rows], out, length, base,
+                step = _replay_step(ctx, method, sq, probs[slot_rows], out, length, base,
                                     n_slots, n_branches, names, config)
             if step is None:  # complete
                 results[sq.index] = sq.result
@@ -257,7 +259,7 @@ def opera_search(engine: Any, state: Any, method: Any, n_branches: int, config: 
         if not seqs:
             break
         slots = torch.tensor(index, device=logits.device)
-        state.select(_row_index(slots, n_slots, n_branches))
+        state.select(row_index(slots, n_slots, n_branches))
         state.commit(torch.tensor(choice, device=logits.device).repeat(n_branches),
                      torch.tensor(advance, device=logits.device).repeat(n_branches))
         for row, keep_at, m in rewinds:
@@ -278,7 +280,7 @@ def _normalised(probs: torch.Tensor, columns: torch.Tensor, own: torch.Tensor) -
     return torch.cat([resp, itself], dim=-1) / total
 
 
-def _normal_step(engine, sq: _Seq, probs, image, out, length, base, n_slots, n_branches,
+def _normal_step(ctx, sq: _Seq, probs, image, out, length, base, n_slots, n_branches,
                  opts: OperaSettings, config, trace):
     nb, k, t = sq.nb, opts.candidates, sq.t
     device = probs.device
@@ -307,18 +309,18 @@ def _normal_step(engine, sq: _Seq, probs, image, out, length, base, n_slots, n_b
         return _rollback(sq, restore, trace)
     vocab = sq.cand_logit.new_full((nb, out.shape[-1]), -999.0)
     vocab.scatter_(1, sq.cand, penalised)
-    return _decide(engine, sq, torch.log_softmax(vocab, dim=-1), out, length, base, n_slots,
+    return _decide(ctx, sq, torch.log_softmax(vocab, dim=-1), out, length, base, n_slots,
                    n_branches, config, rows=rows)
 
 
-def _decide(engine, sq: _Seq, log_probs, out, length, base, n_slots, n_branches, config,
+def _decide(ctx, sq: _Seq, log_probs, out, length, base, n_slots, n_branches, config,
             rows=None):
     """One beam step of ``sq`` from log-probs (nb, V); returns the rows' moves or None.
     ``rows`` (nb, k, t + 1): the attention rows of the candidates fed side by side this step
     (None after a rollback)."""
     nb, t = sq.nb, sq.t
     vocab = log_probs.shape[-1]
-    parent, complete, best = sq.beams.advance(engine, log_probs.cpu(), t, config)
+    parent, complete, best = sq.beams.advance(ctx, log_probs.cpu(), t, config)
     token = sq.beams.running[0, :, -1]
     sq.chosen[t] = parent[0] * vocab + token
     if complete[0]:
@@ -347,7 +349,7 @@ def _keep_candidates(sq: _Seq, rows, out, par, tok, pick, length, base, n_slots,
     chosen = rows[par, pick]  # (nb, t + 1)
     factors = log_factors(chosen, sq.scale)
     sq.log_colprod = torch.cat([sq.log_colprod[par] + factors[:, :t], factors[:, t:]], dim=-1)
-    out_rows = _row_index(base + par, n_slots, n_branches)
+    out_rows = row_index(base + par, n_slots, n_branches)
     sq.logits = out[out_rows, pick.repeat(n_branches)]  # branch-major (n_branches * nb, V)
     parents = par.tolist()
     sq.tokens = [sq.tokens[p] + [x] for p, x in zip(parents, tok.tolist())]
@@ -392,7 +394,7 @@ def _rollback(sq: _Seq, r: int, trace):
     return parents, [0] * sq.nb, [False] * sq.nb, rewinds
 
 
-def _replay_step(engine, method, sq: _Seq, probs, out, length, base, n_slots, n_branches,
+def _replay_step(ctx, method, sq: _Seq, probs, out, length, base, n_slots, n_branches,
                  names, config):
     """Feed one pending token per slot; when all are fed, decide again (after a rollback) or
     go back to normal steps."""
@@ -413,7 +415,7 @@ def _replay_step(engine, method, sq: _Seq, probs, out, length, base, n_slots, n_
         moves.append(True)
         if not todo:
             slot = torch.tensor([base + j], device=out.device)
-            sq.pending[j] = out[_row_index(slot, n_slots, n_branches), 0]
+            sq.pending[j] = out[row_index(slot, n_slots, n_branches), 0]
     if any(sq.replay):
         return list(range(nb)), [0] * nb, moves, []
     logits = torch.stack(sq.pending, dim=1).flatten(0, 1)  # (n_branches * nb, V)
@@ -424,11 +426,11 @@ def _replay_step(engine, method, sq: _Seq, probs, out, length, base, n_slots, n_
         sq.log_colprod = torch.stack([_log_colprod(sq, toks) for toks in sq.tokens])
         return list(range(nb)), [0] * nb, moves, []
     # redo: the full vocabulary, shifted below zero, the banned choices at -999 (the reference)
-    scores = engine._scores(method, logits, nb, names, sq.t)
+    scores = ctx.scores(method, logits, nb, names, sq.t)
     shifted = scores - (999.0 + scores.min(dim=-1, keepdim=True).values)
     flat = shifted.reshape(-1)
     flat[sq.bans[sq.t].to(flat.device)] = -999.0
-    step = _decide(engine, sq, torch.log_softmax(flat.view(nb, -1), dim=-1), out, length, base,
+    step = _decide(ctx, sq, torch.log_softmax(flat.view(nb, -1), dim=-1), out, length, base,
                    n_slots, n_branches, config)
     if step is None:
         return None

@@ -1,2 +1,2 @@
 """Evaluation: POPE, CHAIR and MME loaders and scorers (numbers equal to the reference scripts),
-the synthetic SynthCOCO world, the eval runner and reports."""
+the eval runner and reports. The SynthCOCO world they run on by default is ``veridical.world``."""

@@ -19,8 +19,9 @@ Contract:
   and scores; since a request's output does not depend on its batch, the merged results equal a
   single-process run exactly.
 - ``builtin:synthcoco`` (``--data``) is the SynthCOCO world's test split, generated on first use
-  into the cache folder (``$VERIDICAL_CACHE``, default ``~/.cache/veridical``); a folder with a
-  SynthCOCO ``manifest.json`` is used the same way (``--world-split`` picks its split).
+  into the cache folder (``$VERIDICAL_CACHE``, default ``~/.cache/veridical``) by
+  ``veridical.world.builtin_world``; a folder with a SynthCOCO ``manifest.json`` is used the same
+  way (``--world-split`` picks its split).
 """
 
 from __future__ import annotations
@@ -74,36 +75,11 @@ class Benchmark:
 # ------------------------------------------------------------------------------------------ data
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("VERIDICAL_CACHE", Path.home() / ".cache" / "veridical"))
-
-
-def builtin_world(split: str = "test") -> Path:
-    """The shipped SynthCOCO world (default config, seed 0), generated once into the cache."""
-    from .synthcoco import (
-        BUILTIN_SEED,
-        BUILTIN_SPLITS,
-        GENERATOR_VERSION,
-        WorldConfig,
-        generate_world,
-    )
-
-    if split not in BUILTIN_SPLITS:
-        raise InputError(f"--world-split {split!r} is not a split of builtin:synthcoco; use one "
-                         f"of {', '.join(BUILTIN_SPLITS)}")
-    folder = cache_dir() / f"synthcoco-v{GENERATOR_VERSION}-seed{BUILTIN_SEED}-{split}"
-    if not (folder / "manifest.json").is_file():
-        logger.info("generating builtin:synthcoco (%s split) into %s", split, folder)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        generate_world(tmp, WorldConfig(), BUILTIN_SEED, {split: BUILTIN_SPLITS[split]},
-                       progress=True)
-        tmp.rename(folder)  # atomic: a half-written world is never used
-    return folder
-
-
 def resolve_data(data: str, world_split: str) -> tuple[Path, bool]:
     """``--data`` -> (path, is a SynthCOCO world folder)."""
     if data == "builtin:synthcoco":
+        from veridical.world import builtin_world
+
         return builtin_world(world_split), True
     if data.startswith("builtin:"):
         raise InputError(f"unknown built-in data {data!r}; the built-in data set is builtin:synthcoco")

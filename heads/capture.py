@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from veridical.decoding.attention import text_attention
+
 from .scores import split_heads
 
 
@@ -43,17 +45,8 @@ class Capture:
 @contextlib.contextmanager
 def eager_attention(model: torch.nn.Module, multimodal: bool) -> Iterator[None]:
     """Run the language model with eager attention inside the block (see the module docstring)."""
-    config = model.config
-    if multimodal:
-        previous: str | dict = {"text_config": config.get_text_config()._attn_implementation}
-        model.set_attn_implementation({"text_config": "eager"})
-    else:
-        previous = config._attn_implementation
-        model.set_attn_implementation("eager")
-    try:
+    with text_attention(model, "eager", multimodal):
         yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def num_query_heads(model: torch.nn.Module) -> int:

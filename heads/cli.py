@@ -4,11 +4,15 @@
 
     veridical heads profile --model REF [--data DIR|builtin:synthcoco] [--limit N] --out DIR
 
-which computes (or takes from the cache, ``veridical.heads.profile.load_or_profile``, so the
-methods reuse it) the head profile of ``REF`` over the calibration images, writes
-``DIR/profile.json`` and one heatmap ``DIR/<score>.png`` per per-head score (layers x heads,
-matplotlib's Agg backend), and prints a summary: the strongest heads of each score and the sink
-dimensions with the tokens where they fire. Bad input exits with status 2 and one line.
+which computes (or takes from the cache, ``veridical.heads.profile.load_or_profile``) the head
+profile of ``REF`` over the calibration images (``--data``: a folder of images, a SynthCOCO world
+folder or ``builtin:synthcoco``, the default, resolved through ``veridical.world``), makes it the
+model's profile in the cache (``save_model_profile``: a later ``veridical.load(REF)`` attaches it
+as ``engine.head_profile``, which ``fia`` and ``var`` read, unless the model's folder holds its
+own ``heads_profile.json``), writes ``DIR/profile.json`` and one
+heatmap ``DIR/<score>.png`` per per-head score (layers x heads, matplotlib's Agg backend), and
+prints a summary: the strongest heads of each score and the sink dimensions with the tokens
+where they fire. Bad input exits with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .profile import (
     HEAD_SCORES,
     head_scores,
     load_or_profile,
+    save_model_profile,
     save_profile,
 )
 from .scores import VAR_TAU
@@ -111,8 +116,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     out = Path(args.out)
     path = save_profile(profile, out / "profile.json")
     pngs = write_heatmaps(profile, out)
+    attached = save_model_profile(profile, args.cache_dir)
     print(summary(profile))
-    print(f"wrote {path} and {len(pngs)} heatmaps ({', '.join(p.name for p in pngs)})")
+    print(f"wrote {path} and {len(pngs)} heatmaps ({', '.join(p.name for p in pngs)}); "
+          f"cached for veridical.load: {attached}")
     return 0
 
 
@@ -138,7 +145,8 @@ def add_subcommands(subparsers: Any) -> argparse.ArgumentParser:
                    help="massive-activation threshold at hidden size 4096 (VAR: 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise counterfactual")
     p.add_argument("--cache-dir", default=None,
-                   help="profile cache (default $VERIDICAL_CACHE/heads)")
+                   help="profile cache (default $VERIDICAL_CACHE/heads, where veridical.load "
+                        "looks)")
     p.add_argument("--refresh", action="store_true", help="recompute even if cached")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)

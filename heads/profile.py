@@ -1,4 +1,5 @@
-"""Head profiles of a model over a calibration set, as JSON, cached per model fingerprint.
+"""Head profiles of a model over a calibration set, as JSON, built ahead of time and attached
+to the model when it is loaded.
 
 Contract:
 - :func:`profile_model` ``(engine, images, prompts, **settings) -> dict`` runs, for every
@@ -30,10 +31,21 @@ Contract:
                    the prompt positions where it fires, most frequent first)
       versions:    veridical, torch, transformers
   The definitions, with their justification, are in ``veridical.heads.scores``.
-- :func:`load_or_profile` returns the cached profile of (model fingerprint, calibration digest,
-  settings) from ``cache_dir`` (default ``$VERIDICAL_CACHE/heads``), else computes it with
-  :func:`profile_model`, writes it atomically and returns it. The default calibration set is the
-  first ``DEFAULT_LIMIT`` images of the built-in SynthCOCO test split with ``DEFAULT_PROMPT``.
+- Calibration data is always given by the caller (``data``, see :func:`calibration_images`);
+  ``"builtin:synthcoco"`` (``DEFAULT_DATA``, the CLI's default) is resolved through
+  ``veridical.world``. Nothing in ``veridical.heads`` imports ``veridical.evals``.
+- :func:`load_or_profile` ``(engine, data, cache_dir=None, ...)`` returns the cached profile of
+  (model fingerprint, calibration digest, settings) from ``cache_dir`` (default
+  ``$VERIDICAL_CACHE/heads``, file ``profile-<key>.json``), else computes it with
+  :func:`profile_model` (the first ``DEFAULT_LIMIT`` images with ``DEFAULT_PROMPT`` by default),
+  writes it atomically and returns it.
+- The model's profile, the one ``veridical.load`` attaches as ``engine.head_profile`` and the
+  methods read (``fia``, ``var``), is found by :func:`find_profile`: ``MODEL_PROFILE``
+  (``heads_profile.json``) in the model's folder if there is one, else the cache's
+  ``model-<fingerprint>.json`` (:func:`model_profile_path`), which :func:`save_model_profile`
+  writes (``veridical heads profile`` and :func:`ensure_profile` do); else None. Requests never
+  build a profile: :func:`ensure_profile` ``(engine, data)`` builds one ahead of time (the
+  server's start-up) and attaches it.
 - :func:`model_fingerprint` is the sha256 of the config (paths, versions and private fields
   dropped), every parameter's name, shape and dtype, and the bytes of every tensor (models up to
   ``FULL_HASH_LIMIT`` elements) or of the first and last tensors (larger models).
@@ -73,7 +85,8 @@ logger = logging.getLogger(__name__)
 SCHEMA = "veridical.heads.profile/1"
 DEFAULT_PROMPT = "Please describe this image in detail."
 DEFAULT_LIMIT = 32
-DEFAULT_DATA = "builtin:synthcoco"
+DEFAULT_DATA = "builtin:synthcoco"  # veridical.world.BUILTIN_DATA
+MODEL_PROFILE = "heads_profile.json"  # a model folder's own profile
 HEAD_SCORES = ("vhd", "text_norm", "image_norm", "image_attention", "visual_sensitivity")
 COUNTERFACTUALS = ("blank", "noise")
 FULL_HASH_LIMIT = 200_000_000  # elements; larger models hash their first and last tensors only
@@ -127,21 +140,21 @@ class ProfileSettings:
 
 
 def calibration_images(
-    data: str | os.PathLike | Sequence[Any] | None = None,
+    data: str | os.PathLike | Sequence[Any],
     limit: int | None = DEFAULT_LIMIT,
     world_split: str = "test",
 ) -> tuple[list[Any], str]:
     """``(images, source)``: the first ``limit`` images of ``data`` (None = all).
 
-    ``data``: None or ``"builtin:synthcoco"`` (the built-in SynthCOCO world, split
-    ``world_split``); a SynthCOCO world folder (``images/<world_split>``); a folder of images
-    (searched recursively, sorted by path); one image file; or a list of images (PIL images,
-    paths or bytes).
+    ``data``: ``"builtin:synthcoco"`` (the built-in SynthCOCO world, split ``world_split``,
+    generated into the cache on first use by ``veridical.world.builtin_world``); a SynthCOCO
+    world folder (``images/<world_split>``); a folder of images (searched recursively, sorted by
+    path); one image file; or a list of images (PIL images, paths or bytes).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit={limit!r} must be a positive integer (or None for all images)")
-    if data is None or data == DEFAULT_DATA:
-        from veridical.evals.runner import builtin_world
+    if isinstance(data, str) and data == DEFAULT_DATA:
+        from veridical.world import builtin_world
 
         folder = builtin_world(world_split) / "images" / world_split
         images: list[Any] = sorted(p for p in folder.iterdir() if p.suffix == ".png")
@@ -169,7 +182,7 @@ def calibration_images(
         images, source = list(data), "<given images>"
     else:
         raise ValueError(
-            f"data must be None, {DEFAULT_DATA!r}, a path or a list of images, got "
+            f"data must be {DEFAULT_DATA!r}, a path or a list of images, got "
             f"{type(data).__name__}"
         )
     if not images:
@@ -462,9 +475,14 @@ def cache_key(fingerprint: str, digest: str, settings: ProfileSettings) -> str:
 
 
 def default_cache_dir() -> Path:
-    from veridical.evals.runner import cache_dir
+    """``$VERIDICAL_CACHE/heads`` (default ``~/.cache/veridical/heads``)."""
+    from veridical.cache import cache_dir
 
     return cache_dir() / "heads"
+
+
+def _cache_folder(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
 def save_profile(profile: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -486,7 +504,8 @@ def load_profile(path: str | os.PathLike) -> dict[str, Any]:
         profile = json.loads(target.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"profile {str(target)!r} does not exist; run "
-                         "`veridical heads profile --model REF --out DIR` first") from None
+                         "`veridical heads profile --model REF --data DIR --out DIR` first"
+                         ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"profile {str(target)!r} is not readable JSON ({exc}); "
                          "delete it and profile again") from None
@@ -499,7 +518,7 @@ def load_profile(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_or_profile(
     engine: Any,
-    data: str | os.PathLike | Sequence[Any] | None = None,
+    data: str | os.PathLike | Sequence[Any],
     cache_dir: str | os.PathLike | None = None,
     *,
     limit: int | None = DEFAULT_LIMIT,
@@ -514,8 +533,7 @@ def load_or_profile(
     images, source = calibration_images(data, limit, world_split)
     prompts = [prompt] * len(images)
     key = cache_key(model_fingerprint(engine.model), calibration_digest(images, prompts), config)
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = folder / f"profile-{key[:24]}.json"
+    path = _cache_folder(cache_dir) / f"profile-{key[:24]}.json"
     if path.is_file() and not refresh:
         try:
             cached = load_profile(path)
@@ -529,6 +547,79 @@ def load_or_profile(
                             **config.to_dict())
     save_profile(profile, path)
     logger.info("head profile of %s written to the cache: %s", engine.name, path)
+    return profile
+
+
+def model_profile_path(fingerprint: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the cache keeps the profile attached to the model of ``fingerprint``."""
+    return _cache_folder(cache_dir) / f"model-{fingerprint[:24]}.json"
+
+
+def save_model_profile(profile: dict[str, Any], cache_dir: str | os.PathLike | None = None
+                       ) -> Path:
+    """Make ``profile`` its model's profile in the cache (:func:`model_profile_path` of its
+    fingerprint), so that a later ``veridical.load`` of the same model attaches it."""
+    return save_profile(profile, model_profile_path(profile["model"]["fingerprint"], cache_dir))
+
+
+def check_profile(profile: dict[str, Any], engine: Any) -> dict[str, Any]:
+    """``profile`` if it fits ``engine``'s model (schema, layers, heads); else ValueError."""
+    if not isinstance(profile, dict) or profile.get("schema") != SCHEMA:
+        raise ValueError(f"not a head profile of schema {SCHEMA!r}")
+    info, model = _model_info(engine), profile.get("model", {})
+    have = (model.get("num_layers"), model.get("num_heads"))
+    if have != (info["num_layers"], info["num_heads"]):
+        raise ValueError(
+            f"the profile of {model.get('name')!r} has {have[0]} layers x {have[1]} heads, the "
+            f"model {info['num_layers']} x {info['num_heads']}; profile this model with "
+            "`veridical heads profile --model REF --data DIR --out DIR`")
+    return profile
+
+
+def find_profile(engine: Any, folder: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """The model's own profile: ``folder/MODEL_PROFILE`` (a model folder's file, shipped with the
+    weights), else the cache's profile of the model's fingerprint, else None. A file that is
+    unreadable or does not fit the model is skipped with a warning."""
+    if folder is not None:
+        profile = _read_fitting(Path(folder) / MODEL_PROFILE, engine)
+        if profile is not None:
+            return profile
+    return _read_fitting(model_profile_path(model_fingerprint(engine.model), cache_dir), engine)
+
+
+def _read_fitting(path: Path, engine: Any) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return check_profile(load_profile(path), engine)
+    except ValueError as exc:
+        logger.warning("ignoring the head profile %s: %s", path, exc)
+        return None
+
+
+def ensure_profile(
+    engine: Any,
+    data: str | os.PathLike | Sequence[Any],
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    replace: bool = False,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """``engine.head_profile``, built first if the engine has none (or with ``replace``).
+
+    Building runs :func:`load_or_profile` on ``data`` (the cached result if there is one; more
+    keyword arguments go to it: ``limit``, ``prompt``, ``world_split``, settings), saves it as
+    the model's profile in the cache (:func:`save_model_profile`) and sets
+    ``engine.head_profile``. For start-up (the server's), never per request: profiling runs
+    three forwards per calibration image.
+    """
+    current = getattr(engine, "head_profile", None)
+    if current is not None and not replace:
+        return current
+    profile = load_or_profile(engine, data, cache_dir, **kwargs)
+    save_model_profile(profile, cache_dir)
+    engine.head_profile = profile
     return profile
 
 

@@ -7,7 +7,7 @@ states; these functions turn them into numbers. Shapes: ``L`` decoder layers, ``
 ``Dh`` head dim, ``T`` prompt tokens, ``D`` hidden size. Every function returns new float32
 tensors and never edits its inputs.
 
-Definitions (the references are in ``shared/spec/methods.md``):
+Definitions (each with the paper it comes from):
 
 - Head output: the per-head slice of ``o_proj``'s input, i.e. ``softmax(q k^T / sqrt(Dh)) v`` of
   that head, before the heads are mixed. ``o_proj``'s input is ``(..., H * Dh)`` with head ``i``

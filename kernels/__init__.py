@@ -38,15 +38,31 @@ from .reference import (
 IMPLS = ("auto", "triton", "torch")
 
 
-def _triton_serves(q: torch.Tensor) -> bool:
-    """Whether ``impl="auto"`` sends ``q`` to the fused kernel (imports triton only for CUDA)."""
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if q.dim() != 4 or q.shape[-1] > 256:
-        return False
-    from .triton_attention import TRITON_AVAILABLE
+def route(t: torch.Tensor, impl: str = "auto") -> str:
+    """Which implementation serves ``t`` under the dispatch ``impl`` (``"auto"``, ``"triton"``
+    or ``"torch"``, as an edit plan carries it): the one rule for every caller.
 
-    return TRITON_AVAILABLE
+    - ``"triton"``: the fused kernel, when forced, or under ``"auto"`` for CUDA attention inputs
+      (B, H, T, D) in fp16/bf16/fp32 with D <= 256 when triton is installed;
+    - ``"cpu"``: the compiled numba loops (:mod:`.cpu`, VAR's per-layer work), under ``"auto"``
+      for float32 CPU tensors when numba is installed;
+    - ``"torch"``: the torch route (the reference, or SDPA without edits) otherwise.
+    """
+    if impl == "triton":
+        return "triton"
+    if impl != "auto":
+        return "torch"
+    if t.is_cuda:
+        if (t.dtype in (torch.float16, torch.bfloat16, torch.float32) and t.dim() == 4
+                and t.shape[-1] <= 256):
+            from .triton_attention import TRITON_AVAILABLE
+
+            if TRITON_AVAILABLE:
+                return "triton"
+        return "torch"
+    from .cpu import NUMBA_AVAILABLE
+
+    return "cpu" if NUMBA_AVAILABLE and t.dtype == torch.float32 else "torch"
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -80,9 +96,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: flo
     """Edited attention routed to the fused kernel, SDPA or the torch reference (see module)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-    if impl == "auto":
-        impl = "triton" if _triton_serves(q) else "torch"
-    if impl == "triton":
+    if route(q, impl) == "triton":
         from .triton_attention import edited_attention_triton
 
         return edited_attention_triton(q, k, v, scaling=scaling, key_padding=key_padding,
@@ -97,5 +111,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: flo
 
 __all__ = [
     "IMAGE", "IMAGE_SINK", "IMPLS", "TEXT", "TEXT_SINK", "VAR", "Export", "PreSoftmax",
-    "attention", "edited_attention", "key_groups", "reweight_attention_", "sdpa_attention",
+    "attention", "edited_attention", "key_groups", "reweight_attention_", "route",
+    "sdpa_attention",
 ]

@@ -7,9 +7,9 @@ do the same work in one compiled loop each. They agree with the torch route
 rounding: sums are accumulated in float64, so a flag or a head's selection can differ only where
 its value lies within rounding of the threshold.
 
-- :func:`serves` says whether a tensor takes this route: the dispatch is ``"auto"``, numba is
-  installed, the tensor is a float32 CPU tensor. Otherwise callers take the torch route (GPUs
-  have the Triton kernel).
+- ``veridical.kernels.route(t, impl) == "cpu"`` says whether a tensor takes this route: the
+  dispatch is ``"auto"``, numba is installed, the tensor is a float32 CPU tensor. Otherwise
+  callers take the torch route (GPUs have the Triton kernel).
 - :func:`sink_flags_` writes ``|h / rms(h)| > threshold`` on any of ``dims`` into one layer's
   column of a (R, T, L) bool tensor, for hidden states (R, T, D).
 - :func:`var_decode` applies VAR's rule to the weights (n, H, 1, kv) of one query row per row,
@@ -36,12 +36,6 @@ from .reference import VAR_EPS
 # optional: without numba the torch route does the same work; imported on first use only
 NUMBA_AVAILABLE = importlib.util.find_spec("numba") is not None
 _NO_PAST = np.zeros((1, 0, 1), dtype=np.bool_)
-
-
-def serves(t: torch.Tensor, impl: str = "auto") -> bool:
-    """Whether ``t`` goes through these loops under the dispatch ``impl`` (an edit plan's):
-    ``"auto"``, numba present, a float32 CPU tensor."""
-    return impl == "auto" and NUMBA_AVAILABLE and t.is_cpu and t.dtype == torch.float32
 
 
 @functools.cache

@@ -13,10 +13,10 @@ from transformers.masking_utils import eager_mask
 
 from tests.conftest import tiny_engine
 from veridical.decoding.attention import EditPlan, plan_active, restore, use_edits
-from veridical.decoding.engine import _Rows
 from veridical.decoding.inputs import encode
 from veridical.decoding.method import RowInfo
 from veridical.decoding.methods.pai import PAIEdit, mapped_start
+from veridical.decoding.state import BatchState
 
 REFERENCE = {"image_keys": None, "alpha": 0.0, "layers": set(), "head_scale": {},
              "key_factor": None}
@@ -54,10 +54,10 @@ AttentionMaskInterface.register("test_eager_pai", eager_mask)
 
 
 def run_two_steps(engine, batch, plan_edits, image_id, ref=REFERENCE):
-    """Prefill + one decode step through _Rows; returns both steps' logits (the reference's
+    """Prefill + one decode step through BatchState; returns both steps' logits (the reference's
     image keys grow by the decoded token)."""
     info = RowInfo(["main"], n_slots=batch["input_ids"].shape[0])
-    rows = _Rows(engine.model, dict(batch), engine._cache_kw, info, image_id, plan_edits)
+    rows = BatchState(engine.model, dict(batch), engine.cache_kw, info, image_id, plan_edits)
     first = rows.prefill()
     if ref["image_keys"] is not None:
         ref["image_keys"] = torch.cat(
@@ -66,9 +66,9 @@ def run_two_steps(engine, batch, plan_edits, image_id, ref=REFERENCE):
     return first, second
 
 
-def fake_engine(n_layers: int) -> SimpleNamespace:
-    """An engine stand-in: ``n_layers`` pass-through decoder layers, a 4096-wide text model with
-    32 heads (LLaVA-1.5-7B's), for the methods' layer choices and VAR's sink hooks."""
+def fake_context(n_layers: int) -> SimpleNamespace:
+    """A method context stand-in: ``n_layers`` pass-through decoder layers, a 4096-wide text
+    model with 32 heads (LLaVA-1.5-7B's), for the methods' layer choices and VAR's sink hooks."""
 
     class Layer(torch.nn.Module):
         def forward(self, hidden_states):
@@ -100,13 +100,13 @@ def test_edited_layers_per_depth(n_layers):
     from veridical.decoding.methods.var import VAR
     from veridical.decoding.methods.vhr import VHR
 
-    engine = fake_engine(n_layers)
+    ctx = fake_context(n_layers)
     from_two, vhr = EDITED_LAYERS[n_layers]
-    (pai,) = PAI().attention_edits(engine)
-    (fia,) = FIA(head_modulation=False).attention_edits(engine)
-    (vhr_edit,) = VHR().attention_edits(engine)
-    (var,) = VAR(sink_dims="3").attention_edits(engine)
-    (var_last,) = VAR(sink_dims="3", last_layer=False).attention_edits(engine)
+    (pai,) = PAI().attention_edits(ctx)
+    (fia,) = FIA(head_modulation=False).attention_edits(ctx)
+    (vhr_edit,) = VHR().attention_edits(ctx)
+    (var,) = VAR(sink_dims="3").attention_edits(ctx)
+    (var_last,) = VAR(sink_dims="3", last_layer=False).attention_edits(ctx)
     assert pai.layers() == from_two and fia.layers() == from_two
     assert vhr_edit.layers() == vhr
     assert var.layers() == from_two  # the last layer too, as the reference code
@@ -194,7 +194,7 @@ def test_vhr_selection_and_scaling_equal_a_direct_computation(images, prompts):
     n_layers, heads = len(decoder), engine.model.config.text_config.num_attention_heads
     layers = vhr_layers(n_layers)
     requests = [Request(i, p) for i, p in zip(images, prompts)]
-    data = VHR(alpha=2.0).prepare(engine, requests)["vhr_scale"]  # (n, layers, H)
+    data = VHR(alpha=2.0).prepare(engine.context(), requests)["vhr_scale"]  # (n, layers, H)
 
     expected = []
     for image, prompt in zip(images, prompts):  # one request at a time, no batching
@@ -234,7 +234,7 @@ def test_vhr_selection_and_scaling_equal_a_direct_computation(images, prompts):
     info = RowInfo(["main"], n_slots=4)
     previous = use_edits(engine.model, True)
     try:
-        rows = _Rows(engine.model, dict(batch), engine._cache_kw, info, image_id,
+        rows = BatchState(engine.model, dict(batch), engine.cache_kw, info, image_id,
                      [VHREdit(layers)], {"vhr_scale": data})
         first = rows.prefill()
         second = rows.step(first.argmax(-1))
@@ -375,11 +375,11 @@ def test_var_equals_eager_reference_with_left_padding(arch, impl, variant, image
 
     method = VAR(sink_dims="3,7", tau=tau, summ=0.01, **options)
     info = RowInfo(["main"], n_slots=4)
-    handles = method.install(engine, info)
+    handles = method.install(engine.context(), info)
     previous = use_edits(engine.model, True)
     try:
-        rows = _Rows(engine.model, dict(batch), engine._cache_kw, info, image_id,
-                     method.attention_edits(engine), impl=impl)
+        rows = BatchState(engine.model, dict(batch), engine.cache_kw, info, image_id,
+                     method.attention_edits(engine.context()), impl=impl)
         first = rows.prefill()
         second = rows.step(first.argmax(-1))
     finally:
@@ -387,7 +387,7 @@ def test_var_equals_eager_reference_with_left_padding(arch, impl, variant, image
         for h in handles:
             h.remove()
     plain = run_two_steps(engine, batch, [], image_id, {"image_keys": None})
-    (edit,) = method.attention_edits(engine)
+    (edit,) = method.attention_edits(engine.context())
     assert isinstance(edit, VAREdit) and edit.layers() == layers
     assert len(handles) == len(layers)  # one sink hook per edited layer
     for a, b, c in zip((first, second), ref, plain):
@@ -408,11 +408,11 @@ def test_var_sink_flags_of_prompt_and_generated_tokens(options, sink_layers, imp
     decode_sinks."""
     from veridical.decoding.methods.var import VAR
 
-    engine = fake_engine(32)
-    decoder = engine.adapter.decoder_layers(engine.model)
+    ctx = fake_context(32)
+    decoder = ctx.adapter.decoder_layers(ctx.model)
     massive = torch.ones(4096)
     massive[3] = 1000.0  # |h / rms(h)| = 1000 / sqrt((4095 + 1e6) / 4096) = 63.9 > 20
-    handles = VAR(sink_dims="3", **options).install(engine, None)
+    handles = VAR(sink_dims="3", **options).install(ctx, None)
     try:
         prompt = torch.ones(1, 3, 4096)
         prompt[0, 1] = massive
@@ -492,8 +492,8 @@ def test_var_strength_zero_and_batch_invariance(arch, images, prompts):
                           max_new_tokens=6)
     assert [r.token_ids for r in off] == [r.token_ids for r in base]
     no_dims = VAR(**{**args, "sink_dims": "none"})  # no token can be a sink: nothing installed
-    assert no_dims.install(engine, None) == [] and no_dims.attention_edits(engine) == []
-    assert VAR(**args).attention_edits(engine)
+    assert no_dims.install(engine.context(), None) == [] and no_dims.attention_edits(engine.context()) == []
+    assert VAR(**args).attention_edits(engine.context())
     for kw in (dict(max_new_tokens=6), dict(max_new_tokens=6, do_sample=True, seed=[1, 2, 3, 4]),
                dict(max_new_tokens=5, num_beams=2)):
         batch = engine.generate(images, prompts, method="var", method_args=args, **kw)
@@ -529,7 +529,7 @@ def test_fia_equals_eager_reference_on_llava(images, prompts):
     engine = tiny_engine("llava")
     method = FIA(alpha=0.7, beta=0.3, head_modulation=False)
     requests = [Request(i, p) for i, p in zip(images, prompts)]
-    data = method.prepare(engine, requests)
+    data = method.prepare(engine.context(), requests)
 
     tower = engine.model.model.vision_tower
     pixels = torch.cat([encode(engine.processor, i, p)["pixel_values"]
@@ -567,8 +567,8 @@ def test_fia_equals_eager_reference_on_llava(images, prompts):
     info = RowInfo(["main"], n_slots=4)
     previous = use_edits(engine.model, True)
     try:
-        rows = _Rows(engine.model, dict(batch), engine._cache_kw, info, image_id,
-                     method.attention_edits(engine), data)
+        rows = BatchState(engine.model, dict(batch), engine.cache_kw, info, image_id,
+                     method.attention_edits(engine.context()), data)
         first = rows.prefill()
         second = rows.step(first.argmax(-1))
     finally:
@@ -594,24 +594,96 @@ def test_fia_strength_zero_and_batch_invariance(arch, images, prompts):
         assert [r.token_ids for r in batch] == alone
 
 
-def test_fia_head_modulation_reads_the_profile(monkeypatch):
+def _refuse_profiling(monkeypatch):
+    """Make every way of building a profile or calibration data fail loudly."""
     import veridical.heads as heads
+    import veridical.heads.profile as profile
+    import veridical.world as world
 
+    def boom(*args, **kwargs):
+        raise AssertionError("a request built a head profile or calibration data")
+
+    for module, name in ((heads, "load_or_profile"), (profile, "load_or_profile"),
+                         (heads, "profile_model"), (profile, "profile_model"),
+                         (profile, "calibration_images"), (world, "builtin_world"),
+                         (world, "generate_world")):
+        monkeypatch.setattr(module, name, boom)
+
+
+def test_fia_head_modulation_reads_the_profile(monkeypatch):
+    from veridical.decoding.methods.fia import FIA
+
+    _refuse_profiling(monkeypatch)
     engine = tiny_engine("llava")
     n_layers = len(engine.adapter.decoder_layers(engine.model))
     sens = [[1.0, 3.0, 2.0, 2.0]] * n_layers
-    calls = []
-    monkeypatch.setattr(heads, "load_or_profile",
-                        lambda e: calls.append(1) or {"scores": {"visual_sensitivity": sens}})
-    monkeypatch.delattr(engine, "_visual_sensitivity", raising=False)
-    from veridical.decoding.methods.fia import FIA
-
-    (edit,) = FIA().attention_edits(engine)
+    monkeypatch.setattr(engine, "head_profile", {"scores": {"visual_sensitivity": sens}})
+    (edit,) = FIA().attention_edits(engine.context())
     assert edit.alpha[0].tolist() == pytest.approx([0.35, 1.05, 0.7, 0.7])
     assert edit.beta[0].tolist() == pytest.approx([0.15, 0.45, 0.3, 0.3])
-    FIA().attention_edits(engine)
-    assert calls == [1]  # profiled once per engine
-    monkeypatch.delattr(engine, "_visual_sensitivity")
+
+
+def test_fia_without_a_profile_uses_uniform_modulation_and_warns_once(monkeypatch, caplog):
+    import veridical.decoding.methods.fia as fia
+
+    _refuse_profiling(monkeypatch)
+    monkeypatch.setattr(fia, "WARNED", type(fia.WARNED)())  # no warning given yet
+    engine = tiny_engine("llava")
+    monkeypatch.setattr(engine, "head_profile", None)
+    heads = engine.model.config.text_config.num_attention_heads
+    n_layers = len(engine.adapter.decoder_layers(engine.model))
+    with caplog.at_level("WARNING", logger=fia.__name__):
+        (edit,) = fia.FIA().attention_edits(engine.context())
+        (again,) = fia.FIA(alpha=0.5).attention_edits(engine.context())
+    assert edit.modulation.tolist() == [[1.0] * heads] * n_layers
+    assert torch.equal(again.modulation, edit.modulation)
+    (message,) = [r.getMessage() for r in caplog.records]  # one warning per model
+    assert "no head profile" in message and "veridical heads profile" in message
+    (uniform,) = fia.FIA(head_modulation=False).attention_edits(engine.context())
+    assert torch.equal(uniform.alpha, edit.alpha) and torch.equal(uniform.beta, edit.beta)
+
+
+def test_var_auto_sink_dims_without_a_profile_names_the_command(monkeypatch, images, prompts):
+    from veridical.decoding.methods.var import VAR
+
+    _refuse_profiling(monkeypatch)
+    engine = tiny_engine("llava")
+    monkeypatch.setattr(engine, "head_profile", None)
+    with pytest.raises(ValueError, match=r"no head profile.*veridical heads profile --model REF"):
+        VAR().attention_edits(engine.context())
+    with pytest.raises(ValueError, match="sink_dims=none"):
+        engine.generate(images[:1], prompts[:1], method="var", max_new_tokens=2)
+    # explicit dims, none, or p = 1 need no profile
+    for args in ({"sink_dims": "none"}, {"sink_dims": "3,7"}, {"p": 1.0}):
+        engine.generate(images[:1], prompts[:1], method="var", method_args=args,
+                        max_new_tokens=2)
+    monkeypatch.setattr(engine, "head_profile", {"sinks": {"dims": [3, 7]}})
+    (edit,) = VAR().attention_edits(engine.context())  # auto: the profile's dims
+    explicit = VAR(sink_dims="3,7")
+    assert edit.layers() == explicit.attention_edits(engine.context())[0].layers()
+
+
+def test_requests_never_build_a_head_profile(monkeypatch):
+    """fia and var at their defaults on the built-in model read its shipped profile only, and
+    give what the profile's numbers give (visual sensitivity; no sink dims: var acts on nothing)."""
+    import veridical
+    from veridical.bench import PROMPTS, bench_images
+    from veridical.decoding.methods.fia import FIA, head_modulation
+    from veridical.heads import head_scores
+
+    _refuse_profiling(monkeypatch)
+    engine = veridical.load("builtin:synthcoco-llava")
+    assert engine.head_profile is not None and engine.head_profile["sinks"]["dims"] == []
+    images, prompts = bench_images(2), PROMPTS[:2]
+    kw = dict(max_new_tokens=6)
+    fia = engine.generate(images, prompts, method="fia", **kw)
+    (edit,) = FIA().attention_edits(engine.context())
+    expected = head_modulation(head_scores(engine.head_profile, "visual_sensitivity"))
+    assert torch.equal(edit.modulation, expected) and not torch.all(expected == 1)
+    assert all(r.token_ids for r in fia)
+    var = engine.generate(images, prompts, method="var", **kw)
+    base = engine.generate(images, prompts, **kw)
+    assert [r.token_ids for r in var] == [r.token_ids for r in base]
 
 
 triton = pytest.importorskip("triton", reason="the fused-kernel route needs triton")

@@ -1,11 +1,16 @@
 """veridical.heads: the pure score functions on hand-built tensors, the profiler against direct
 references computed here with our own hooks and eager attention, a planted massive-activation
-dimension, the fingerprint cache and the ``heads profile`` CLI."""
+dimension, the fingerprint cache, the model's profile (found by ``veridical.load``, built by
+``ensure_profile``) and the ``heads profile`` CLI."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,19 +20,26 @@ from PIL import Image
 import veridical
 import veridical.heads.profile as heads_profile
 from veridical.decoding.inputs import encode
+from veridical.errors import InputError
 from veridical.heads import (
     HEAD_SCORES,
+    MODEL_PROFILE,
     calibration_images,
+    ensure_profile,
     head_scores,
     load_or_profile,
     load_profile,
     model_fingerprint,
+    model_profile_path,
     profile_model,
+    save_model_profile,
     sink_dims,
 )
 from veridical.heads import scores as S
 from veridical.heads.cli import main as heads_main
 
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "veridical" / "builtin" / "synthcoco-llava" / MODEL_PROFILE
 ARCHS = ("llava", "qwen2-vl")
 PROMPT = "Please describe this image in detail."
 
@@ -260,6 +272,93 @@ def test_bad_input_names_the_argument(tmp_path):
         load_profile(tmp_path / "x.json")
 
 
+# ----------------------------------------------------------------------------- the model's profile
+
+
+def test_load_attaches_the_shipped_profile():
+    if not SHIPPED.is_file():
+        pytest.skip("the built-in model is not shipped in this checkout")
+    engine = veridical.load("builtin:synthcoco-llava")
+    assert engine.head_profile == load_profile(SHIPPED)
+    # the profile the README shows, and the one the model's weights give (same fingerprint)
+    assert engine.head_profile == load_profile(ROOT / "docs" / "heads-synthcoco-llava" /
+                                               "profile.json")
+    assert engine.head_profile["model"]["fingerprint"] == model_fingerprint(engine.model)
+    assert sink_dims(engine.head_profile) == []  # var at its defaults acts on nothing
+
+
+def test_load_finds_a_cached_profile_by_fingerprint(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VERIDICAL_CACHE", str(tmp_path))
+    assert veridical.load("tiny-random:llava").head_profile is None
+    engine = veridical.load("tiny-random:llava")
+    profile = profile_model(engine, [_image(1)], PROMPT, progress=False)
+    path = save_model_profile(profile)
+    assert path == model_profile_path(model_fingerprint(engine.model))
+    assert path.parent == tmp_path / "heads"
+    assert veridical.load("tiny-random:llava").head_profile == profile
+    assert veridical.load("tiny-random:llava@1").head_profile is None  # other weights
+    # an explicit profile wins; a file that does not fit the model is refused or skipped
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**profile, "calibration": {**profile["calibration"], "items": 7}}))
+    assert veridical.load("tiny-random:llava", head_profile=other).head_profile["calibration"][
+        "items"] == 7
+    assert veridical.load("tiny-random:llava", head_profile=profile).head_profile == profile
+    wrong = {**profile, "model": {**profile["model"], "num_layers": 5}}
+    with pytest.raises(InputError, match="5 layers x 4 heads"):
+        veridical.load("tiny-random:llava", head_profile=wrong)
+    with pytest.raises(InputError, match="does not exist"):
+        veridical.load("tiny-random:llava", head_profile=tmp_path / "missing.json")
+    path.write_text(json.dumps(wrong))
+    with caplog.at_level("WARNING"):
+        assert veridical.load("tiny-random:llava").head_profile is None
+    assert "ignoring the head profile" in caplog.text
+
+
+def test_ensure_profile_builds_once_and_a_later_load_finds_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("VERIDICAL_CACHE", str(tmp_path))
+    engine = veridical.load("tiny-random:qwen2-vl")
+    assert engine.head_profile is None
+    images = [_image(20), _image(21)]
+    profile = ensure_profile(engine, images, limit=1, progress=False)
+    assert engine.head_profile is profile and profile["calibration"]["items"] == 1
+    assert veridical.load("tiny-random:qwen2-vl").head_profile == profile
+
+    def boom(*args, **kwargs):
+        raise AssertionError("profiled although the engine has a profile")
+
+    monkeypatch.setattr(heads_profile, "profile_model", boom)
+    assert ensure_profile(engine, images) is profile  # kept, nothing computed
+    again = ensure_profile(veridical.load("tiny-random:qwen2-vl"), images, limit=1)
+    assert again == profile  # from the cache
+    with pytest.raises(AssertionError, match="profiled"):
+        ensure_profile(engine, images, replace=True)  # other calibration data: computed
+
+
+def test_builtin_calibration_data_comes_from_veridical_world(tmp_path, monkeypatch):
+    import veridical.world
+
+    folder = tmp_path / "world"
+    (folder / "images" / "val").mkdir(parents=True)
+    for i in range(3):
+        _image(i).save(folder / "images" / "val" / f"synthcoco_val_{i}.png")
+    monkeypatch.setattr(veridical.world, "builtin_world", lambda split: folder)
+    images, source = calibration_images("builtin:synthcoco", limit=2, world_split="val")
+    assert [p.name for p in images] == ["synthcoco_val_0.png", "synthcoco_val_1.png"]
+    assert source == "builtin:synthcoco:val"
+    with pytest.raises(ValueError, match="not a built-in data set"):
+        calibration_images("builtin:coco")
+
+
+def test_heads_never_import_evals():
+    for path in (ROOT / "heads").glob("*.py"):
+        imports = re.findall(r"^\s*(?:from|import)\s+(\S+)", path.read_text(), re.M)
+        assert not [m for m in imports if "evals" in m], f"{path.name} imports veridical.evals"
+    code = ("import sys, veridical.heads, veridical.heads.cli, veridical.world; "
+            "print(sorted(m for m in sys.modules if m.startswith('veridical.evals')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -282,6 +381,8 @@ def test_cli_writes_profile_and_heatmaps(tmp_path, capsys):
             assert png.format == "PNG"
     cached = list((tmp_path / "cache").glob("profile-*.json"))
     assert len(cached) == 1 and load_profile(cached[0]) == profile
+    assert load_profile(model_profile_path(profile["model"]["fingerprint"],
+                                           tmp_path / "cache")) == profile
 
     assert heads_main(argv[:-5] + ["0", "--out", str(out)]) == 2
     assert "limit" in capsys.readouterr().err

@@ -20,7 +20,9 @@ def test_generate_with_processor_equals_engine(arch, method, args, images, promp
     ims, ps = images[:2], prompts[:2]
     ours = engine.generate(ims, ps, method=method, method_args=args, max_new_tokens=6)
     batch = collate([encode(engine.processor, i, p) for i, p in zip(ims, ps)], engine.pad_id)
-    lp = logits_processor(method, engine, {"images": ims, "prompts": ps}, **args)
+    # the branches' randomness replayed from the seeds the engine's requests ran with
+    lp = logits_processor(method, engine, {"images": ims, "prompts": ps},
+                          seed=[r.seed for r in ours], **args)
     with torch.inference_mode():
         out = engine.model.generate(**batch, do_sample=False, max_new_tokens=6,
                                     logits_processor=[lp])

@@ -88,11 +88,14 @@ def test_var_decode_takes_one_query_row():
         cpu.var_decode(torch.rand(1, 2, 3, 5), keys, 0, 0.6, 0.5, 0.2)
 
 
-def test_serves_only_float32_cpu_tensors_under_auto():
-    assert cpu.serves(torch.zeros(2))
-    assert not cpu.serves(torch.zeros(2, dtype=torch.bfloat16))
-    assert not cpu.serves(torch.zeros(2, dtype=torch.float64))
-    assert not cpu.serves(torch.zeros(2), "torch") and not cpu.serves(torch.zeros(2), "triton")
+def test_the_loops_serve_only_float32_cpu_tensors_under_auto():
+    from veridical.kernels import route
+
+    assert route(torch.zeros(2)) == "cpu"
+    assert route(torch.zeros(2, dtype=torch.bfloat16)) == "torch"
+    assert route(torch.zeros(2, dtype=torch.float64)) == "torch"
+    assert route(torch.zeros(2), "torch") == "torch" and route(torch.zeros(2), "triton") == "triton"
+    assert route(torch.zeros(1, 2, 3, 4)) == "cpu"  # attention inputs on a CPU: not the kernel
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2-vl"])

@@ -44,11 +44,11 @@ class TopKBeams(Method):
     def branches(self):
         return self.inner.branches() if self.inner else []
 
-    def attention_edits(self, engine):
-        return self.inner.attention_edits(engine) if self.inner else []
+    def attention_edits(self, ctx):
+        return self.inner.attention_edits(ctx) if self.inner else []
 
-    def prepare(self, engine, requests):
-        return self.inner.prepare(engine, requests) if self.inner else {}
+    def prepare(self, ctx, requests):
+        return self.inner.prepare(ctx, requests) if self.inner else {}
 
     def combine(self, logits, branch_logits, step):
         scores = self.inner.combine(logits, branch_logits, step) if self.inner else logits
@@ -109,7 +109,7 @@ def after_prompt(engine, enc: dict, prompt_out, tokens: list[int], **kwargs):
     mask = torch.ones(1, enc["input_ids"].shape[1] + len(tokens), dtype=torch.long)
     with torch.no_grad():
         return engine.model(input_ids=torch.tensor([tokens]), attention_mask=mask,
-                            use_cache=True, **{engine._cache_kw: cache}, **kwargs)
+                            use_cache=True, **{engine.cache_kw: cache}, **kwargs)
 
 
 @pytest.mark.parametrize("name, args, steps", [
@@ -127,7 +127,7 @@ def test_scores_equal_direct_computation_on_materialised_attention(name, args, s
     method.trace = trace
     prompt = "describe the image in detail please"
     engine.generate(images[0], prompt, method=method, max_new_tokens=14)
-    enc = engine._encode(engine.request(images[0], prompt, 0))
+    enc = engine.context().encode(engine.request(images[0], prompt, 0))
     start = enc["input_ids"].shape[1]
     image = enc["input_ids"][0] == engine.adapter.image_token_id(engine.model.config)
     model = engine.model
@@ -266,7 +266,7 @@ def assert_caches_hold_emitted_tokens(engine, image, prompt: str, trace: list) -
     """At every step, each beam's next-token logits (computed from its cache) equal plain
     forwards over the prompt and the tokens the beam emitted: the cache holds what was
     emitted."""
-    enc = engine._encode(engine.request(image, prompt, 0))
+    enc = engine.context().encode(engine.request(image, prompt, 0))
     with torch.no_grad():
         prompt_out = engine.model(**enc, use_cache=True)
     for step in [s for s in trace if "t" in s]:

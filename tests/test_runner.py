@@ -13,7 +13,7 @@ import pytest
 from veridical.cli import main
 from veridical.errors import InputError
 from veridical.evals import pope
-from veridical.evals.synthcoco import WorldConfig, generate_world
+from veridical.world.generate import WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 

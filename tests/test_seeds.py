@@ -19,8 +19,8 @@ from veridical.decoding.registry import resolve
 from veridical.decoding.seeds import SEED_BITS, derive_seed, request_seeds
 from veridical.decoding.stops import cut_at_stop, stop_index
 from veridical.errors import InputError
-from veridical.evals.synthcoco import WorldConfig, generate_world
 from veridical.server.streaming import TextStream
+from veridical.world import WorldConfig, generate_world
 
 
 # Seeds ------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""SynthCOCO world generator: determinism, pixels vs annotations, file formats, statistics."""
+"""SynthCOCO world generator (veridical.world): determinism, pixels vs annotations, file formats,
+statistics."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from veridical.evals import synthcoco
-from veridical.evals.synthcoco import WorldConfig, build_world, generate_world
-from veridical.evals.synthcoco_render import GLYPHS, PALETTE, background, glyph_coverage, glyph_dims
-from veridical.evals.synthcoco_text import MME_SUFFIX, MME_TASKS, plural
-from veridical.evals.synthcoco_world import COCO_CATEGORIES, SCENES, image_rng, sample_layout
+from veridical.world import generate as synthcoco
+from veridical.world.generate import WorldConfig, build_world, generate_world
+from veridical.world.render import GLYPHS, PALETTE, background, glyph_coverage, glyph_dims
+from veridical.world.text import MME_SUFFIX, MME_TASKS, plural
+from veridical.world.world import COCO_CATEGORIES, SCENES, image_rng, sample_layout
 
 SMALL = {"train": 12, "test": 60}
 QUICK = WorldConfig(pope_images=20, mme_images_per_task=6)
@@ -136,7 +137,9 @@ def test_annotations_match_rendered_pixels(tmp_path):
 
 
 def test_captions_use_no_other_chair_word(world_dir):
-    synonyms_file = Path(synthcoco.__file__).with_name("chair_synonyms.txt")
+    import veridical.evals
+
+    synonyms_file = Path(veridical.evals.__file__).with_name("chair_synonyms.txt")
     if not synonyms_file.exists():
         pytest.skip("CHAIR synonym table not present")
     words = set()
@@ -156,7 +159,7 @@ def test_captions_use_no_other_chair_word(world_dir):
 
 def test_chair_pipeline_sees_every_category_name():
     chair = pytest.importorskip("veridical.evals.chair")
-    from veridical.evals.synthcoco_text import with_article
+    from veridical.world.text import with_article
 
     vocab = chair.load_vocabulary()
     for name in COCO_CATEGORIES:  # e.g. "bus" would vanish: pattern's singular of it is "bu"
@@ -380,3 +383,26 @@ def test_cli_world_generate(tmp_path, capsys):
     args = parser.parse_args(["world", "generate", "--seed", "4", "--out", str(out), *flags])
     assert args.func(args) == 0
     assert len(list((out / "images" / "test").iterdir())) == 3
+
+
+def test_builtin_world_is_generated_once_into_the_cache(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import veridical.world as world
+    from veridical.errors import InputError
+
+    monkeypatch.setenv("VERIDICAL_CACHE", str(tmp_path))
+    monkeypatch.setattr(synthcoco, "BUILTIN_SPLITS", {"test": 3})
+    folder = world.builtin_world("test")
+    assert folder.parent == tmp_path and (folder / "manifest.json").is_file()
+    assert len(list((folder / "images" / "test").glob("*.png"))) == 3
+    monkeypatch.setattr(synthcoco, "generate_world", lambda *a, **k: 1 / 0)
+    assert world.builtin_world("test") == folder  # reused, not regenerated
+    with pytest.raises(InputError, match="not a split of builtin:synthcoco"):
+        world.builtin_world("dev")
+    # the world is reachable without the evaluation harness
+    code = ("import sys, veridical.world; "
+            "print(sorted(m for m in sys.modules if m.startswith('veridical.evals')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

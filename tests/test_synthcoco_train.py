@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from veridical.evals.synthcoco import BUILTIN_SEED, WorldConfig, build_world, generate_world
-from veridical.evals.synthcoco_train import (
+from veridical.world.generate import BUILTIN_SEED, WorldConfig, build_world, generate_world
+from veridical.world.train import (
     CAPTION_PROMPT,
     POPE_SUFFIX,
     Encoder,
@@ -200,7 +200,7 @@ def test_few_steps_lower_the_loss_and_save_reloads_both_routes(trained):
 
 
 def test_bf16_runs_the_forwards_in_bfloat16_and_trains(world, trained, tmp_path, monkeypatch):
-    from veridical.evals import synthcoco_train
+    from veridical.world import train as synthcoco_train
 
     seen = []
     real = synthcoco_train.weighted_loss
@@ -228,7 +228,7 @@ def _weights_dtype(path: Path) -> set:
 def test_a_crashed_run_resumes_to_the_same_weights(world, trained, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from veridical.evals import synthcoco_train
+    from veridical.world import train as synthcoco_train
 
     cfg = dataclasses.replace(TINY, checkpoint_every=5)
     real = synthcoco_train.weighted_loss

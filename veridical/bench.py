@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .decoding.engine import DecodingConfig
+from .decoding.attention import text_attention
+from .decoding.config import DecodingConfig
 from .decoding.inputs import collate, encode
 from .decoding.registry import resolve
 from .errors import InputError
@@ -163,15 +164,8 @@ def applicable_methods(engine) -> list[str]:
 def _eager_call(engine, images, prompts, max_new_tokens: int = 32, ignore_eos: bool = False
                 ) -> tuple[int, float | None]:
     """The baseline with eager attention: the route the reference implementations force."""
-    config = engine.model.config
-    multimodal = engine.adapter.multimodal
-    previous = config.get_text_config()._attn_implementation if multimodal else config._attn_implementation
-    engine.model.set_attn_implementation({"text_config": "eager"} if multimodal else "eager")
-    try:
+    with text_attention(engine.model, "eager", engine.adapter.multimodal):
         return _method_call(engine, images, prompts, max_new_tokens, ignore_eos=ignore_eos)
-    finally:
-        engine.model.set_attn_implementation(
-            {"text_config": previous} if multimodal else previous)
 
 
 def bench_methods(engine, batch_sizes: list[int], methods: list[str] | None = None,

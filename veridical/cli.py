@@ -270,7 +270,7 @@ _BENCH_PLUGINS = ("veridical.kernels.bench", "veridical.server.bench")
 # Modules that add their own subcommands through add_subcommands(subparsers).
 _PLUGINS = (
     "veridical.evals.score_cli",
-    "veridical.evals.synthcoco",
+    "veridical.world.generate",
     "veridical.evals.runner",
     "veridical.heads.cli",
     "veridical.server.cli",

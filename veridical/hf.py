@@ -27,10 +27,11 @@ import torch
 from transformers import LogitsProcessor
 
 from veridical.adapters import adapter_for
-from veridical.decoding.engine import Engine, _Rows
+from veridical.decoding.engine import Engine
 from veridical.decoding.method import Request, RowInfo
 from veridical.decoding.registry import resolve
 from veridical.decoding.seeds import request_seeds
+from veridical.decoding.state import BatchState
 from veridical.errors import InputError
 from veridical.images import load_image
 
@@ -43,14 +44,14 @@ class BranchLogitsProcessor(LogitsProcessor):
         self.branches = method.branches()
         self.n = len(requests)
         self.step = 0
-        self.rows: _Rows | None = None
+        self.rows: BatchState | None = None
         if self.branches:
             batch = engine.collate(engine.branch_rows(requests, self.branches, seeds))
             info = RowInfo([b.name for b in self.branches], n_slots=self.n)
-            self.rows = _Rows(engine.model, batch, engine._cache_kw, info)
+            self.rows = BatchState(engine.model, batch, engine.cache_kw, info)
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        handles = self.method.install(self.engine, self.rows.info)
+        handles = self.method.install(self.engine.context(), self.rows.info)
         try:
             if self.step == 0:
                 return self.rows.prefill()
@@ -102,7 +103,7 @@ def logits_processor(method: str, engine_or_model: Any, inputs: dict[str, Sequen
             f"method {built.name!r} is a search strategy, which a logits processor cannot run "
             "inside model.generate; use engine.generate for it"
         )
-    if built.attention_edits(engine):
+    if built.attention_edits(engine.context()):
         raise InputError(
             f"method {built.name!r} edits attention, which a logits processor cannot do inside "
             "model.generate; use engine.generate for it (or its logits-only part, e.g. pai_cfg)"

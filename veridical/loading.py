@@ -8,11 +8,18 @@ References:
 
 ``device`` is a torch device string, or ``"auto"`` to let accelerate place a model larger than
 one GPU (``device_map="auto"``). ``dtype`` is a torch dtype or its name ("bfloat16", ...).
+
+Head profile: the engine's ``head_profile`` (read by ``fia`` and ``var``; see
+``veridical.heads``) is ``head_profile`` when given (a path to a profile JSON, or the dict);
+else ``heads_profile.json`` in the model's folder (the built-in model ships one); else the
+profile cache's file for the model's fingerprint (``$VERIDICAL_CACHE/heads/model-*.json``,
+written by ``veridical heads profile``); else None. Loading never computes a profile.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +43,34 @@ def _dtype(dtype: Any) -> torch.dtype | None:
     return value
 
 
-def load(ref: str, device: str | None = None, dtype: Any = None):
-    """Load ``ref`` (see the module docstring) and return an ``Engine``."""
-    from veridical.decoding.engine import Engine
-
+def load(ref: str, device: str | None = None, dtype: Any = None,
+         head_profile: str | os.PathLike | dict | None = None):
+    """Load ``ref`` (see the module docstring) and return an ``Engine`` with its
+    ``head_profile`` attached."""
     if not isinstance(ref, str) or not ref:
         raise InputError(f"model reference must be a non-empty string, got {ref!r}")
-    torch_dtype = _dtype(dtype)
+    engine, folder = _load_engine(ref, device, _dtype(dtype))
+    engine.head_profile = _head_profile(engine, head_profile, folder)
+    return engine
+
+
+def _head_profile(engine, given: str | os.PathLike | dict | None, folder: Path | None
+                  ) -> dict | None:
+    from veridical import heads
+
+    if given is None:
+        return heads.find_profile(engine, folder)
+    try:
+        profile = given if isinstance(given, dict) else heads.load_profile(given)
+        return heads.check_profile(profile, engine)
+    except ValueError as exc:
+        raise InputError(f"head_profile: {exc}") from None
+
+
+def _load_engine(ref: str, device: str | None, torch_dtype: torch.dtype | None):
+    """``(engine, the model's folder or None)``."""
+    from veridical.decoding.engine import Engine
+
     if ref.startswith("tiny-random:"):
         from .tiny import ARCHS, TEXT_ARCHS, build_tiny
 
@@ -59,7 +87,7 @@ def load(ref: str, device: str | None = None, dtype: Any = None):
             model = model.to(torch_dtype)
         if device not in (None, "auto"):
             model = model.to(device)
-        return Engine(model, processor, adapter_for(model.config), name=ref)
+        return Engine(model, processor, adapter_for(model.config), name=ref), None
     if ref.startswith("builtin:"):
         name = ref.removeprefix("builtin:")
         path = BUILTIN_MODELS.get(name)
@@ -71,8 +99,9 @@ def load(ref: str, device: str | None = None, dtype: Any = None):
             )
         engine = _load_pretrained(str(path), device, torch_dtype, Engine)
         engine.name = ref  # messages and profiles name it as the user did
-        return engine
-    return _load_pretrained(ref, device, torch_dtype, Engine)
+        return engine, path
+    local = Path(ref).expanduser()
+    return _load_pretrained(ref, device, torch_dtype, Engine), local if local.is_dir() else None
 
 
 def _load_pretrained(ref: str, device: str | None, dtype: torch.dtype | None, engine_cls):

@@ -237,7 +237,7 @@ def llava_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     The same construction as the tiny LLaVA tokenizer (specials ``<unk> <s> </s> <pad> <image>``
     at ids 0-4, then punctuation, then ``words``; bos prepended; left padding; the LLaVA-1.5 chat
     template "USER: <image>\\n... ASSISTANT:"), with a caller-chosen vocabulary: the built-in
-    SynthCOCO model uses the world's words (``veridical.evals.synthcoco_train``).
+    SynthCOCO model uses the world's words (``veridical.world.train``).
     """
     words = [w.lower() for w in words]
     return _build_tokenizer(

@@ -12,19 +12,29 @@ position, layers ``start_layer .. L-1`` (the reference: 2..31 of 32; mapped to d
 
 Head-specific modulation (the paper's idea; not in the released code, so implemented here from
 the paper): ``alpha_h = alpha * m_h`` and ``beta_h = beta * m_h`` with ``m_h`` = the head's
-visual sensitivity from the ``heads`` profile divided by its layer's mean (mean 1, so the
-layer's total boost is unchanged while visually sensitive heads get more); ``head_modulation=
-false`` uses ``m_h = 1``. Optional PAI-style guidance: ``gamma`` (1 = off; the paper's option 2).
+visual sensitivity from the model's head profile (``engine.head_profile``, attached by
+``veridical.load``; see ``veridical.heads``) divided by its layer's mean (mean 1, so the layer's
+total boost is unchanged while visually sensitive heads get more); ``head_modulation=false``
+uses ``m_h = 1``. Optional PAI-style guidance: ``gamma`` (1 = off; the paper's option 2).
+
+Fallback without a head profile (``engine.head_profile`` is None: the model was never profiled;
+``veridical heads profile --model REF --data DIR`` makes one): ``head_modulation=true`` uses
+uniform modulation, ``m_h = 1``, as ``head_modulation=false`` does, and logs a warning once per
+model. A request never builds a profile.
 
 Fallback for vision towers without a CLS token whose patches map one-to-one to image tokens
 (Qwen-VL's merged patches, LLaVA-NeXT's tiles and newline tokens): no CLS attention exists, so
 every image token counts as ``top`` (the edit becomes PAI's boost with FIA's head modulation),
-and the run logs this once.
+and this is logged once per model.
+
+The warnings given are remembered in ``WARNED`` (module level): model -> set of warning names,
+weakly keyed, so an unloaded model's entry goes with it.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -35,6 +45,15 @@ from .pai import PAI, boost_logits
 
 logger = logging.getLogger(__name__)
 CLS_TOWER_FAMILIES = ("llava",)
+WARNED: weakref.WeakKeyDictionary[torch.nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def warn_once(engine, name: str, message: str, *args) -> None:
+    """Log ``message`` as a warning unless warning ``name`` was given for this model already."""
+    given = WARNED.setdefault(engine.model, set())
+    if name not in given:
+        given.add(name)
+        logger.warning(message, *args)
 
 
 def select_tokens(early: torch.Tensor, late: torch.Tensor, ratio: float
@@ -69,7 +88,7 @@ def cls_attention(engine, requests, layers: tuple[int, int]) -> list[torch.Tenso
         for name in ("q_proj", "k_proj"):
             handles.append(getattr(attn, name).register_forward_hook(
                 lambda m, a, out, key=(layer, name): captured.__setitem__(key, out.detach())))
-    rows = [engine._encode(r) for r in requests]
+    rows = [engine.encode(r) for r in requests]
     pixels = torch.cat([r["pixel_values"] for r in rows]).to(engine.device, engine.model.dtype)
     try:
         with torch.inference_mode():
@@ -136,12 +155,12 @@ class FIA(PAI):
     name = "fia"
     description = "Fixing imbalanced attention: boost CLS-salient image tokens, per-head."
     params = (
-        Param("alpha", 0.7, "boost on the top image tokens (0 = off)", low=0.0),
-        Param("beta", 0.3, "boost on the bottom (outlier) image tokens", low=0.0),
+        Param("alpha", 0.7, "boost on the top image tokens (0 = off)", low=0.0, high=10.0),
+        Param("beta", 0.3, "boost on the bottom (outlier) image tokens", low=0.0, high=10.0),
         Param("ratio", 0.25, "share of image tokens in the top set", low=0.0, high=1.0,
               low_open=True),
         Param("gamma", 1.0, "optional PAI-style guidance scale (1 = off; the paper's option 2)",
-              low=1.0),
+              low=1.0, high=100.0),
         Param("beta_apc", 0.1, "APC of the guidance (with gamma > 1)", low=0.0, high=1.0),
         Param("head_modulation", True, "scale each head's boost by its visual sensitivity",
               type=bool),
@@ -160,11 +179,10 @@ class FIA(PAI):
             return {}
         with_image = [r for r in requests if r.image is not None]
         if engine.adapter.family not in CLS_TOWER_FAMILIES or not with_image:
-            if engine.adapter.family not in CLS_TOWER_FAMILIES and not getattr(
-                    engine, "_fia_fallback_logged", False):
-                engine._fia_fallback_logged = True
-                logger.warning("fia: %s's vision tower has no CLS token mapped one-to-one to "
-                               "image tokens; every image token counts as top", engine.name)
+            if engine.adapter.family not in CLS_TOWER_FAMILIES:
+                warn_once(engine, "no_cls", "fia: %s's vision tower has no CLS token mapped "
+                          "one-to-one to image tokens; every image token counts as top",
+                          engine.name)
             ones = torch.ones(len(requests), 1, dtype=torch.bool)
             return {"fia_top": ones, "fia_bottom": ~ones}
         early, late = cls_attention(engine, with_image, (0, -2))
@@ -186,11 +204,13 @@ class FIA(PAI):
         heads = engine.adapter.text_config(engine.model.config).num_attention_heads
         if not self.args["head_modulation"]:
             return torch.ones(n_layers, heads)
-        if not hasattr(engine, "_visual_sensitivity"):
-            from veridical.heads import head_scores, load_or_profile
-
-            engine._visual_sensitivity = head_scores(load_or_profile(engine), "visual_sensitivity")
-        return head_modulation(engine._visual_sensitivity)
+        if engine.head_profile is None:
+            warn_once(engine, "no_profile", "fia: %s has no head profile, so head_modulation "
+                      "uses uniform modulation (every head 1); run `veridical heads profile "
+                      "--model REF --data DIR` to profile it", engine.name)
+            return torch.ones(n_layers, heads)
+        scores = engine.head_profile["scores"]["visual_sensitivity"]  # L x H (veridical.heads)
+        return head_modulation(torch.tensor(scores, dtype=torch.float32))
 
 
 def head_modulation(sensitivity: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,13 @@ the paper's (the author confirmed); the defaults here are the code's. ``p = 1`` 
 
 Where this implementation still differs from the reference code, and why:
 
-- Sink dimensions are found per model by the ``heads`` profiler (``sink_dims="auto"``) and
-  ``tau`` is scaled to the model's width as the profiler does (20 is VAR's value for 4096-wide
-  models); the reference reads a fixed table of dimensions for its LLaMA models. A table
-  cannot cover other models.
+- Sink dimensions are found per model by the ``heads`` profiler and ``tau`` is scaled to the
+  model's width as the profiler does (20 is VAR's value for 4096-wide models); the reference
+  reads a fixed table of dimensions for its LLaMA models. A table cannot cover other models.
+  ``sink_dims="auto"`` (the default) reads them from the model's head profile
+  (``engine.head_profile``, attached by ``veridical.load``); a model without one is an error
+  (ValueError naming ``veridical heads profile``) rather than a profiling run inside a request;
+  ``sink_dims="none"`` or explicit indices need no profile.
 - The first sink layer is 2 of 32 mapped to the model's depth (``round(2 * L / 32)``); the
   reference starts at layer 2 at any depth. The same for 32 and 40 layers (LLaVA-1.5 7B, 13B);
   shallower models start earlier, in proportion.
@@ -64,11 +67,12 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
+from veridical import kernels
 from veridical.heads.scores import RMS_EPS, effective_tau, rms_abs
 from veridical.kernels import cpu
 from veridical.kernels.reference import VAR_EPS
 
-from ..attention import _PLAN, AttentionEdit, row_logits
+from ..attention import AttentionEdit, current_plan, row_logits
 from ..method import Method, Param
 from ..registry import register
 
@@ -132,7 +136,7 @@ class VAREdit(AttentionEdit):
                                  rho=self.rho, summ=self.summ, scale_text=False)}
 
     def edit_probs(self, layer, probs, plan):
-        if cpu.serves(probs, plan.impl):  # one fused loop instead of ~30 small ops; it leaves
+        if kernels.route(probs, plan.impl) == "cpu":  # one fused loop instead of ~30 small ops; it leaves
             # rows without an image sink in this layer as they are
             keys = plan.remember("var_decode_keys", lambda: cpu.decode_keys(
                 plan.image_keys, plan.key_state.get("var_sink"), plan.fresh["var_sink"],
@@ -221,7 +225,7 @@ def sink_hooks(engine, dims: list[int], tau: float, layers: range, decode_sinks:
 
     def hook(layer_idx):
         def record(module, args, kwargs):
-            plan = _PLAN.get()
+            plan = current_plan()
             if plan is None:
                 return
             hidden = args[0] if args else kwargs["hidden_states"]  # (R, T, D)
@@ -231,7 +235,7 @@ def sink_hooks(engine, dims: list[int], tau: float, layers: range, decode_sinks:
                 plan.fresh["var_sink"] = flags
             if not decode_sinks and "var_sink" in plan.key_state:  # not the prompt's forward
                 return
-            loop = cpu.serves(hidden, plan.impl)
+            loop = kernels.route(hidden, plan.impl) == "cpu"
             # a decode step's flags cost the loop less than asking whether they are needed
             if not (loop and hidden.shape[1] == 1) and not may_have_image_sinks(plan)[layer_idx]:
                 return
@@ -271,12 +275,13 @@ class VAR(Method):
         spec = self.args["sink_dims"].strip().lower()
         if spec == "none":
             return []
-        if spec == "auto":  # profiled once per engine (and cached on disk by fingerprint)
-            if not hasattr(engine, "_sink_dims"):
-                from veridical.heads import load_or_profile, sink_dims
-
-                engine._sink_dims = sink_dims(load_or_profile(engine))
-            return engine._sink_dims
+        if spec == "auto":  # the model's head profile, built ahead of time (never here)
+            if engine.head_profile is None:
+                raise ValueError(
+                    "method 'var': no head profile for this model, so its sink dims are unknown; "
+                    "run `veridical heads profile --model REF --data DIR` (or pass "
+                    "sink_dims=... / sink_dims=none)")
+            return [int(d) for d in engine.head_profile["sinks"]["dims"]]  # (veridical.heads)
         try:
             dims = [int(d) for d in spec.split(",") if d.strip()]
         except ValueError:

@@ -41,8 +41,6 @@ def last_position_head_outputs(engine, requests: list[Request], layers: list[int
                                ) -> dict[int, torch.Tensor]:
     """Per layer: (n, H, D) attention outputs (o_proj inputs) at each request's last prompt
     position, from one unedited forward of the encoded requests."""
-    from ..engine import _prefill_positions
-
     decoder = engine.adapter.decoder_layers(engine.model)
     heads = engine.adapter.text_config(engine.model.config).num_attention_heads  # query heads
     captured: dict[int, torch.Tensor] = {}
@@ -54,10 +52,10 @@ def last_position_head_outputs(engine, requests: list[Request], layers: list[int
 
     handles = [engine.adapter.o_proj(decoder[layer]).register_forward_pre_hook(capture(layer))
                for layer in layers]
-    batch = engine.collate([engine._encode(r) for r in requests])
+    batch = engine.collate([engine.encode(r) for r in requests])
     try:
         with torch.inference_mode():
-            engine.model(**batch, position_ids=_prefill_positions(engine.model, batch),
+            engine.model(**batch, position_ids=engine.prefill_positions(batch),
                          use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
@@ -86,7 +84,7 @@ class VHR(Method):
     is_argmax_invariant = False
     params = (
         Param("alpha", 2.0, "factor on the selected heads' outputs (1 = off; 4 degenerates)",
-              low=0.0),
+              low=0.0, high=10.0),
     )
 
     def _layers(self, engine) -> list[int]:

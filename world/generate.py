@@ -27,10 +27,14 @@ Contract:
   "test" does not depend on the other splits or on the split sizes.
 - Image ids are ``key * 1_000_000 + index + 1`` with key 1/2/3 for train/val/test (other split
   names: a stable key from the name), so ids never collide across splits (CHAIR merges splits).
+- :func:`builtin_world` ``(split) -> Path``: the shipped world (``builtin:synthcoco``: the
+  default WorldConfig, seed ``BUILTIN_SEED``, ``BUILTIN_SPLITS`` sizes), one split generated once
+  into the cache folder (``$VERIDICAL_CACHE``, default ``~/.cache/veridical``) and reused.
 - :func:`add_subcommands` registers ``veridical world generate``.
 
-See synthcoco_world (the generative process and WorldConfig), synthcoco_render (glyphs, pixels),
-synthcoco_text (captions, MME questions).
+See ``veridical.world.world`` (the generative process and WorldConfig), ``.render`` (glyphs,
+pixels), ``.text`` (captions, MME questions); ``veridical.world`` also gives the built-in world
+(:func:`~veridical.world.builtin_world`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import zlib
@@ -51,9 +56,12 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from .synthcoco_render import PALETTE, render_layout
-from .synthcoco_text import MME_TASKS, captions, mme_pair, region
-from .synthcoco_world import Layout, World, WorldConfig, build_world, image_rng, sample_layout
+from veridical.cache import cache_dir
+from veridical.errors import InputError
+
+from .render import PALETTE, render_layout
+from .text import MME_TASKS, captions, mme_pair, region
+from .world import Layout, World, WorldConfig, build_world, image_rng, sample_layout
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -71,15 +79,21 @@ __all__ = [
     "generate_mme",
     "cooccurrence_stats",
     "split_key",
+    "BUILTIN_DATA",
+    "builtin_world",
     "add_subcommands",
 ]
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1"
+# The manifest's "generator" id: the module's name when the format was fixed (it moved to
+# veridical.world.generate since); kept, so that a world's files stay byte-identical.
+GENERATOR = "veridical.evals.synthcoco"
 POPE_SPLITS = ("random", "popular", "adversarial")
 # The shipped world (builtin:synthcoco): default WorldConfig, this image seed and these sizes.
 # Images depend only on (seed, split, index), so any subset of the splits can be regenerated.
+BUILTIN_DATA = "builtin:synthcoco"
 BUILTIN_SEED = 0
 BUILTIN_SPLITS = {"train": 20000, "val": 500, "test": 1000}
 _MAX_SPLIT = 999_999
@@ -220,7 +234,7 @@ def blind_scene_answers(questions: Iterable[Mapping[str, Any]], instances: Mappi
     """Answers of the blind scene-only baseline to POPE questions: "yes" exactly when the asked
     object belongs to the image's scene type (which the background gives away), whatever the
     image holds. A model must beat it, on adversarial questions above all, to show it looks at
-    objects (see shared/spec/synthcoco.md)."""
+    objects."""
     scene = {im["file_name"]: im["scene"] for im in instances["images"]}
     names = sorted((c.name for c in world.categories), key=len, reverse=True)
     out = []
@@ -245,7 +259,8 @@ def generate_pope(out_dir: str | Path, split: str, seed: int, num_images: int,
     scene-only baseline's metrics per file (``blind_scene_baseline``); or ``{"skipped": reason}``
     when the split has too few eligible images. Raises ImportError if the harness is missing.
     """
-    from .pope import build_all_splits, pope_metrics, write_questions  # one POPE definition
+    # one POPE definition: the harness's (an optional dependency of the world, imported here)
+    from veridical.evals.pope import build_all_splits, pope_metrics, write_questions
 
     out_dir = Path(out_dir)
     instances = json.loads((out_dir / "annotations" / f"instances_{split}.json").read_text())
@@ -371,7 +386,7 @@ def _prepare_out(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         manifest = out / "manifest.json"
         try:
-            ours = json.loads(manifest.read_text())["generator"] == "veridical.evals.synthcoco"
+            ours = json.loads(manifest.read_text())["generator"] == GENERATOR
         except (OSError, ValueError, KeyError, TypeError):
             ours = False
         if not ours:
@@ -445,7 +460,7 @@ def generate_world(out_dir: str | Path, config: WorldConfig, seed: int,
                           hashlib.sha256(p.read_bytes()).digest())
 
     manifest = {
-        "generator": "veridical.evals.synthcoco",
+        "generator": GENERATOR,
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "config": config.to_dict(),
@@ -465,6 +480,23 @@ def generate_world(out_dir: str | Path, config: WorldConfig, seed: int,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def builtin_world(split: str = "test") -> Path:
+    """The folder of the shipped world's ``split`` (``BUILTIN_DATA``: default WorldConfig, seed
+    ``BUILTIN_SEED``, ``BUILTIN_SPLITS`` sizes), generated once into the cache folder
+    (``veridical.cache.cache_dir()``) on first use; InputError for an unknown split."""
+    if split not in BUILTIN_SPLITS:
+        raise InputError(f"--world-split {split!r} is not a split of {BUILTIN_DATA}; use one "
+                         f"of {', '.join(BUILTIN_SPLITS)}")
+    folder = cache_dir() / f"synthcoco-v{GENERATOR_VERSION}-seed{BUILTIN_SEED}-{split}"
+    if not (folder / "manifest.json").is_file():
+        logger.info("generating %s (%s split) into %s", BUILTIN_DATA, split, folder)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        generate_world(tmp, WorldConfig(), BUILTIN_SEED, {split: BUILTIN_SPLITS[split]},
+                       progress=True)
+        tmp.rename(folder)  # atomic: a half-written world is never used
+    return folder
 
 
 # ---------------------------------------------------------------- CLI
@@ -528,7 +560,7 @@ def add_generate_parser(world_subparsers: Any) -> argparse.ArgumentParser:
 
 
 # Modules that add more `veridical world ...` subcommands through add_world_subcommands(sub).
-_WORLD_PLUGINS = ("veridical.evals.synthcoco_train",)
+_WORLD_PLUGINS = ("veridical.world.train",)
 
 
 def add_subcommands(subparsers: Any) -> Any:

@@ -23,13 +23,13 @@ Contract:
 - Stage 1 pretrains the vision tower alone on the objects (multi-label BCE over the categories
   from a per-patch linear head, max-pooled, reading the features the projector receives), as real
   LVLMs start from a pretrained CLIP. It is short on purpose: a perfect tower makes the captions
-  too grounded (shared/spec/synthcoco.md, pilot 3).
+  too grounded (seen in the pilot runs: the model then hardly hallucinates).
 - Stage 2 trains projector + language model, and the tower at a lower learning rate, on
   train-split images: captions (prompt "Please describe this image in detail.", one of the image's
   reference captions) and yes/no questions: existence ("Is there a {obj} in the image?", POPE's
   form, and MME's "Is there a/an {obj} in this image?") with random negatives (and, with
   ``partner_negative_share`` > 0, that share of absent co-occurrence partners), count, colour
-  and position (MME forms of ``synthcoco_text.mme_pair``), with no suffix, the POPE suffix or the
+  and position (MME forms of ``veridical.world.text.mme_pair``), with no suffix, the POPE suffix or the
   MME suffix. A question example is a multi-turn conversation of ``turns`` questions about one
   image (the first turn is exactly the single-turn evaluation prompt). The loss is on answer
   tokens only; each example weighs the same, and within it the yes/no token weighs
@@ -57,9 +57,9 @@ from typing import Any
 
 import numpy as np
 
-from .synthcoco_render import PALETTE
-from .synthcoco_text import _NUMBERS, _PLURALS, MME_SUFFIX, mme_pair, plural, with_article
-from .synthcoco_world import SCENES, World, WorldConfig, build_world
+from .render import PALETTE
+from .text import MME_SUFFIX, NUMBERS, PLURALS, mme_pair, plural, with_article
+from .world import SCENES, World, WorldConfig, build_world
 
 __all__ = [
     "TrainConfig",
@@ -179,7 +179,7 @@ def world_words(world: World) -> list[str]:
         words += scene.split()
     for c in world.categories:
         words += c.name.split() + plural(c.name).split()
-    words += list(PALETTE) + list(_NUMBERS.values()) + list(_PLURALS.values())
+    words += list(PALETTE) + list(NUMBERS.values()) + list(PLURALS.values())
     return list(dict.fromkeys(w.lower() for w in words))
 
 
@@ -361,7 +361,7 @@ class Encoder:
         ids = tuple(self.tok(text, add_special_tokens=False)["input_ids"])
         if self.unk in ids:
             raise ValueError(f"text {text!r} has words outside the vocabulary; add them to "
-                             "synthcoco_train.world_words")
+                             "veridical.world.train.world_words")
         return ids
 
     def encode(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[float]]:
@@ -881,7 +881,7 @@ def cmd_world_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**overrides)
     world = args.world
     if world is None:
-        from .synthcoco import BUILTIN_SEED, BUILTIN_SPLITS, generate_world
+        from .generate import BUILTIN_SEED, BUILTIN_SPLITS, generate_world
 
         world = str(Path(args.out) / "world")
         if not (Path(world) / "manifest.json").is_file():

@@ -12,7 +12,7 @@ Contract:
 - :func:`sample_layout` is pure given its ``rng``: it draws the scene, the categories present
   (anchors, partners, an out-of-scene object), counts, colours, sizes, positions (with the
   occlusion rule), clutter strokes and a noise seed, and computes each object's visible mask,
-  COCO box and area. Rendering pixels is :func:`synthcoco_render.render_layout`.
+  COCO box and area. Rendering pixels is :func:`veridical.world.render.render_layout`.
 
 Generative process of one image (the knobs are WorldConfig fields):
 1. scene uniform over the 4 scenes;
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .synthcoco_render import PALETTE, glyph_coverage, glyph_dims
+from .render import PALETTE, glyph_coverage, glyph_dims
 
 __all__ = [
     "WorldConfig",

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .synthcoco_render import PALETTE
-from .synthcoco_world import Layout, PlacedObject, World
+from .render import PALETTE
+from .world import Layout, PlacedObject, World
 
 __all__ = [
     "MME_TASKS",
     "MME_SUFFIX",
+    "NUMBERS",
+    "PLURALS",
     "plural",
     "with_article",
     "region",
@@ -35,8 +37,8 @@ __all__ = [
 MME_TASKS = ("existence", "count", "position", "color")
 MME_SUFFIX = " Please answer yes or no."
 
-_PLURALS = {"knife": "knives", "couch": "couches", "wine glass": "wine glasses", "tv": "tvs"}
-_NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+PLURALS = {"knife": "knives", "couch": "couches", "wine glass": "wine glasses", "tv": "tvs"}
+NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 _PREPOSITIONS = {"street": "on", "beach": "on"}  # else "in" (in the kitchen, in the living room)
 _REGIONS = (("at the top left", "at the top", "at the top right"),
             ("on the left", "in the center", "on the right"),
@@ -45,7 +47,7 @@ _REGIONS = (("at the top left", "at the top", "at the top right"),
 
 def plural(name: str) -> str:
     """English plural of a category name ("knife" -> "knives", "stop sign" -> "stop signs")."""
-    return _PLURALS.get(name, name + "s")
+    return PLURALS.get(name, name + "s")
 
 
 def with_article(phrase: str) -> str:
@@ -97,7 +99,7 @@ def _noun_phrase(name: str, objs: list[PlacedObject], size: int, color: bool, po
         words.append(next(iter(colors)))
     words.append(name if n == 1 else plural(name))
     phrase = " ".join(words)
-    phrase = with_article(phrase) if n == 1 else f"{_NUMBERS[n]} {phrase}"
+    phrase = with_article(phrase) if n == 1 else f"{NUMBERS[n]} {phrase}"
     regions = {region_phrase(o, size) for o in objs}
     if pos and len(regions) == 1:
         phrase += " " + next(iter(regions))
@@ -194,7 +196,7 @@ def mme_pair(layout: Layout, world: World, task: str,
         def ask(k: int) -> str:
             if k == 1:
                 return _q(f"Is there only one {name} in this image?")
-            return _q(f"Are there {_NUMBERS[k]} {plural(name)} in this image?")
+            return _q(f"Are there {NUMBERS[k]} {plural(name)} in this image?")
 
         return [(ask(n), "Yes"), (ask(m), "No")]
     if task == "position":

@@ -258,7 +258,7 @@ def background(bands: tuple[tuple[int, int, int], tuple[int, int, int], float], 
 
 
 def render_layout(layout: Any, bands: tuple[tuple[int, int, int], tuple[int, int, int], float]) -> np.ndarray:
-    """Pixels of a layout (see ``synthcoco_world.Layout``) over a scene's background bands.
+    """Pixels of a layout (see ``veridical.world.world.Layout``) over a scene's background bands.
 
     Order: background, clutter strokes (1 px lines, under the objects), objects in draw order
     (alpha-blended by coverage), then Gaussian noise of ``layout.noise_sigma`` drawn from
