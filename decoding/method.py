@@ -201,8 +201,6 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     params: ClassVar[tuple[Param, ...]] = ()
-    # Capabilities the engine uses to skip work it does not need.
-    is_argmax_invariant: ClassVar[bool] = True  # combine() never changes the argmax
 
     def __init__(self, **args: Any) -> None:
         known = {p.name: p for p in self.params}

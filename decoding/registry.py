@@ -9,12 +9,15 @@ are answered with "did you mean" and the list of registered methods.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from veridical.errors import InputError
 
 from .method import Branch, Method, RowInfo, combine_parts, did_you_mean
 
@@ -30,6 +33,19 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"a method named {cls.name!r} is already registered")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+@contextlib.contextmanager
+def registered_for(*classes: type[Method]) -> Iterator[None]:
+    """Register ``classes`` for the block only (tests, or trying a method out): outside it they
+    are listed nowhere."""
+    for cls in classes:
+        register(cls)
+    try:
+        yield
+    finally:
+        for cls in classes:
+            _REGISTRY.pop(cls.name, None)
 
 
 def _load_builtin_methods() -> None:
@@ -127,7 +143,6 @@ class Composite(Method):
         self.parts = parts
         self.args = {f"{p.name}.{k}": v for p in parts for k, v in p.args.items()}
         self.name = "+".join(p.name for p in parts)  # type: ignore[misc]
-        self.is_argmax_invariant = all(p.is_argmax_invariant for p in parts)  # type: ignore[misc]
 
     def branches(self) -> list[Branch]:
         out = []
@@ -157,3 +172,15 @@ class Composite(Method):
 
     def combine(self, logits, branch_logits, step) -> torch.Tensor:
         return combine_parts([(p.name + ".", p) for p in self.parts], logits, branch_logits, step)
+
+
+def parse_method_sets(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``["alpha=1", "vcd.beta=0.2"]`` -> ``{"alpha": "1", "vcd.beta": "0.2"}``: method arguments
+    from ``key=value`` strings (the command line's ``--set``; methods coerce the values)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {pair!r} must look like key=value (e.g. --set alpha=1)")
+        out[key.strip()] = value.strip()
+    return out

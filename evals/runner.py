@@ -26,23 +26,19 @@ Contract:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from veridical.decoding.seeds import derive_seed
-from veridical.errors import InputError
+from veridical import InputError, derive_seed
+from veridical.provenance import git_commit, versions
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +68,55 @@ class Benchmark:
     max_new_tokens: int
 
 
+@dataclass
+class EvalConfig:
+    """One evaluation run: which benchmark on which data, where to write, how to decode.
+
+    ``data`` is a question/annotation file or folder, or a SynthCOCO world folder (the command
+    line and ``veridical.evaluate`` also take ``builtin:synthcoco`` and resolve it to the
+    built-in world's folder first). Benchmark options apply where they make sense: POPE
+    ``parser`` and ``prompt_suffix``; CHAIR ``num_images``, ``image_seed``, ``image_ids``,
+    ``prompt``, ``drop_incomplete_sentence``, ``no_double_space_quirk``; ``split`` (POPE splits
+    or MME subtasks, comma-separated)."""
+
+    benchmark: str  # "pope", "chair" or "mme"
+    model: str
+    data: str
+    output: str
+    images: str | None = None
+    split: str | None = None
+    world_split: str = "test"
+    limit: int | None = None
+    batch_size: int = 8
+    device: str | None = None
+    skip_bad_lines: bool = False
+    method: str = "none"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None  # None: the benchmark's own (POPE 16, CHAIR 64, MME 8)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_beams: int = 1
+    seed: int | None = None  # the run seed (0 when None): items derive theirs from it
+    parser: str | None = None
+    prompt_suffix: str | None = None
+    num_images: int | None = None
+    image_seed: int = 0
+    image_ids: str | None = None
+    prompt: str | None = None
+    drop_incomplete_sentence: bool = False
+    no_double_space_quirk: bool = False
+
+
 # ------------------------------------------------------------------------------------------ data
 
 
 def resolve_data(data: str, world_split: str) -> tuple[Path, bool]:
-    """``--data`` -> (path, is a SynthCOCO world folder)."""
-    if data == "builtin:synthcoco":
-        from veridical.world import builtin_world
-
-        return builtin_world(world_split), True
+    """``data`` -> (path, is a SynthCOCO world folder)."""
     if data.startswith("builtin:"):
-        raise InputError(f"unknown built-in data {data!r}; the built-in data set is builtin:synthcoco")
+        raise InputError(f"{data!r} is a built-in data set: give its folder (the command line "
+                         "and veridical.evaluate resolve builtin:synthcoco for you)")
     path = Path(data).expanduser()
     if not path.exists():
         raise InputError(f"--data {data!r} does not exist; give a file, a folder or builtin:synthcoco")
@@ -112,7 +146,7 @@ def _splits_arg(split: str | None, allowed: Sequence[str], what: str) -> list[st
     return chosen
 
 
-def pope_benchmark(args: argparse.Namespace) -> Benchmark:
+def pope_benchmark(args: EvalConfig) -> Benchmark:
     from . import pope
 
     splits = _splits_arg(args.split, ("random", "popular", "adversarial"), "POPE split")
@@ -172,7 +206,7 @@ def pope_benchmark(args: argparse.Namespace) -> Benchmark:
                      max_new_tokens=args.max_new_tokens or 16)
 
 
-def chair_benchmark(args: argparse.Namespace) -> Benchmark:
+def chair_benchmark(args: EvalConfig) -> Benchmark:
     from . import chair
 
     if args.split:
@@ -214,7 +248,7 @@ def chair_benchmark(args: argparse.Namespace) -> Benchmark:
                      max_new_tokens=args.max_new_tokens or 64)
 
 
-def mme_benchmark(args: argparse.Namespace) -> Benchmark:
+def mme_benchmark(args: EvalConfig) -> Benchmark:
     from . import mme
 
     path, is_world = resolve_data(args.data, args.world_split)
@@ -295,40 +329,13 @@ class SampleLog:
 # ------------------------------------------------------------------------------------ running
 
 
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("veridical", "torch", "transformers", "accelerate", "pycocotools", "nltk",
-                "inflect", "datasets"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def run_settings(args: argparse.Namespace, bench: Benchmark) -> dict[str, Any]:
+def run_settings(args: EvalConfig, bench: Benchmark) -> dict[str, Any]:
     """What determines the samples; a resumed run must match it exactly."""
-    from veridical.cli import parse_sets
-
     return {
         "benchmark": bench.name,
         "model": args.model,
         "method": args.method,
-        "method_args": parse_sets(args.sets),
+        "method_args": dict(args.method_args),
         "data": {k: v for k, v in bench.data.items() if k != "image_ids"},
         "decoding": {
             "max_new_tokens": bench.max_new_tokens, "do_sample": args.do_sample,
@@ -339,7 +346,7 @@ def run_settings(args: argparse.Namespace, bench: Benchmark) -> dict[str, Any]:
     }
 
 
-def run_seed(args: argparse.Namespace) -> int:
+def run_seed(args: EvalConfig) -> int:
     """The run's seed; item ``id`` runs with ``derive_seed(run_seed, "item", id)``."""
     return 0 if args.seed is None else args.seed
 
@@ -356,11 +363,11 @@ def _distributed() -> tuple[int, int, Any]:
     return state.process_index, state.num_processes, state
 
 
-def evaluate(args: argparse.Namespace, engine: Any = None, quiet: bool = False) -> dict[str, Any]:
-    """Run (or resume) one evaluation and write samples.jsonl and results.json. ``engine``: an
-    already loaded ``args.model`` to reuse; ``quiet``: no table at the end."""
+def evaluate(engine: Any, args: EvalConfig, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) one evaluation and write samples.jsonl and results.json; return the
+    results. ``engine``: a loaded ``args.model`` (a ``veridical.Backend``), or None to load it
+    here (one per process under accelerate); ``quiet``: no table at the end."""
     import veridical
-    from veridical.cli import decoding_kwargs
 
     bench = BENCHMARKS[args.benchmark](args)
     items = bench.items[: args.limit] if args.limit else bench.items
@@ -396,8 +403,10 @@ def evaluate(args: argparse.Namespace, engine: Any = None, quiet: bool = False) 
         device = str(state.device)  # one GPU per process
     if engine is None:
         engine = veridical.load(args.model, device=device)
-    kwargs = decoding_kwargs(args)
-    kwargs["max_new_tokens"] = bench.max_new_tokens
+    kwargs = {"method": args.method, "method_args": dict(args.method_args),
+              "max_new_tokens": bench.max_new_tokens, "do_sample": args.do_sample,
+              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+              "num_beams": args.num_beams}
     _generate_all(engine, bench, mine, kwargs, run_seed(args), args.batch_size, log,
                   show=rank == 0, total=len(items) // world)
 
@@ -413,7 +422,7 @@ def evaluate(args: argparse.Namespace, engine: Any = None, quiet: bool = False) 
     results = {
         "metrics": metrics,
         "run": {**settings, "data": bench.data, "batch_size": args.batch_size, "processes": world,
-                "items": len(samples), "skipped_items": skipped, "versions": _versions(), "git_commit": git_commit(),
+                "items": len(samples), "skipped_items": skipped, "versions": versions(), "git_commit": git_commit(),
                 "device": str(engine.device),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
@@ -539,7 +548,7 @@ def ci_table(dirs: Sequence[str], rows: list[tuple[str, dict[str, Any]]], draws:
         raise InputError(f"bootstrap needs runs of one benchmark, got {sorted(kinds)}")
     kind = kinds.pop()
     if kind == "pope":
-        groups = [(f"{split} ", lambda d, s=split: stats.pope_counts(_samples(d), s))
+        groups = [(f"{split} ", lambda d, s=split: stats.pope_counts(read_samples(d), s))
                   for split in rows[0][1]["metrics"]["per_split"]]
         metrics, keys = stats.pope_metrics, ("accuracy", "f1", "yes_ratio")
     elif kind == "chair":
@@ -564,7 +573,8 @@ def ci_table(dirs: Sequence[str], rows: list[tuple[str, dict[str, Any]]], draws:
     return "\n".join(lines)
 
 
-def _samples(folder: str) -> list[dict]:
+def read_samples(folder: str | Path) -> list[dict]:
+    """The samples of a run folder (a line cut by a crash is left out)."""
     return list(SampleLog(Path(folder) / "samples.jsonl").done.values())
 
 
@@ -586,50 +596,3 @@ def _bar_chart(rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-
-def add_subcommands(subparsers: Any) -> None:
-    from veridical.cli import add_decoding_args
-
-    ev = subparsers.add_parser("eval", help="run POPE, CHAIR or MME on a model and score it")
-    sub = ev.add_subparsers(dest="benchmark", required=True)
-    for name in BENCHMARKS:
-        p = sub.add_parser(name, help=f"run {name.upper()}")
-        p.add_argument("--model", required=True)
-        p.add_argument("--data", required=True,
-                       help="question/annotation file or folder, or builtin:synthcoco")
-        p.add_argument("--images", default=None, help="folder of the images the data names")
-        p.add_argument("--output", required=True, help="results folder (rerun to resume)")
-        p.add_argument("--split", default=None,
-                       help="POPE: random,popular,adversarial; MME: subtasks (default: all)")
-        p.add_argument("--world-split", default="test", help="split of a SynthCOCO world")
-        p.add_argument("--limit", type=int, default=None, help="first N items only")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--device", default=None)
-        p.add_argument("--skip-bad-lines", action="store_true",
-                       help="skip (and count) malformed data lines instead of stopping")
-        add_decoding_args(p, seed_help="run seed: each item's seed derives from it and the "
-                          "item's id (recorded per sample); default 0")
-        p.set_defaults(max_new_tokens=None)
-        if name == "pope":
-            p.add_argument("--parser", default=None, help="answer parser: pope (default), opera")
-            p.add_argument("--prompt-suffix", default=None,
-                           help=f"appended to each question (default {POPE_SUFFIX!r})")
-        if name == "chair":
-            p.add_argument("--num-images", type=int, default=None, help="default 500")
-            p.add_argument("--image-seed", type=int, default=0,
-                           help="seed of the image selection (not of decoding)")
-            p.add_argument("--image-ids", default=None, help="file of image ids (JSON or lines)")
-            p.add_argument("--prompt", default=None, help=f"default {CHAIR_PROMPT!r}")
-            p.add_argument("--drop-incomplete-sentence", action="store_true")
-            p.add_argument("--no-double-space-quirk", action="store_true")
-        p.set_defaults(func=lambda a: evaluate(a) is not None and 0)
-    cmp_ = sub.add_parser("compare", help="one table across result folders, and a bar chart")
-    cmp_.add_argument("dirs", nargs="+")
-    cmp_.add_argument("--png", default="compare.png", help="bar chart path ('' for none)")
-    cmp_.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                      help="bootstrap draws for 95%% CIs and paired differences (0 = none)")
-    cmp_.set_defaults(func=lambda a: print(compare(a.dirs, a.png or None, a.bootstrap)) or 0)

@@ -17,9 +17,6 @@ import numpy as np
 
 from veridical.errors import InputError
 
-POPE_COUNTS = ("tp", "fp", "tn", "fn")
-CHAIR_COUNTS = ("captions", "hallucinating", "mentions", "hallucinated", "gt", "covered", "words")
-
 
 def pope_counts(samples: Sequence[Mapping[str, Any]], split: str | None) -> dict[str, np.ndarray]:
     """Per image: tp, fp, tn, fn of the (split's) questions (yes = positive)."""

@@ -5,9 +5,9 @@ Public API:
 - ``profile_model(engine, images, prompts, **settings) -> dict``: the JSON-ready profile.
 - ``load_or_profile(engine, data, cache_dir=None, ...) -> dict``: the cached profile of the
   model on the calibration ``data`` (key: model fingerprint, calibration digest, settings),
-  computed on a miss. ``data`` is the caller's: ``DEFAULT_DATA`` (``"builtin:synthcoco"``,
-  resolved through ``veridical.world``), a folder, a SynthCOCO world folder, an image file or a
-  list of images (``calibration_images(data, limit)``); the default prompt is
+  computed on a miss. ``data`` is the caller's: a folder, a SynthCOCO world folder (the
+  command line resolves ``DEFAULT_DATA``, ``"builtin:synthcoco"``, to the built-in world's), an
+  image file or a list of images (``calibration_images(data, limit)``); the default prompt is
   "Please describe this image in detail.".
 - The model's profile: ``veridical.load`` sets ``engine.head_profile`` (a dict or None) from
   ``find_profile(engine, folder)``: ``MODEL_PROFILE`` (``heads_profile.json``) in the model's

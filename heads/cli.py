@@ -104,12 +104,22 @@ def summary(profile: dict[str, Any], top: int = 5) -> str:
     return "\n".join(lines)
 
 
+def calibration_data(data: str, world_split: str = "test") -> str:
+    """``data`` with ``builtin:synthcoco`` replaced by the built-in world's folder (generated
+    into the cache on first use)."""
+    if data == DEFAULT_DATA:
+        from veridical.world import builtin_world
+
+        return str(builtin_world(world_split))
+    return data
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     import veridical
 
     engine = veridical.load(args.model, device=args.device, dtype=args.dtype)
     profile = load_or_profile(
-        engine, args.data, args.cache_dir, limit=args.limit, prompt=args.prompt,
+        engine, calibration_data(args.data, args.world_split), args.cache_dir, limit=args.limit, prompt=args.prompt,
         world_split=args.world_split, refresh=args.refresh, progress=True,
         counterfactual=args.counterfactual, tau=args.tau, seed=args.seed,
     )

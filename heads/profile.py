@@ -32,8 +32,9 @@ Contract:
       versions:    veridical, torch, transformers
   The definitions, with their justification, are in ``veridical.heads.scores``.
 - Calibration data is always given by the caller (``data``, see :func:`calibration_images`);
-  ``"builtin:synthcoco"`` (``DEFAULT_DATA``, the CLI's default) is resolved through
-  ``veridical.world``. Nothing in ``veridical.heads`` imports ``veridical.evals``.
+  ``"builtin:synthcoco"`` (``DEFAULT_DATA``, the CLI's default) is resolved to its folder by the
+  command line (``veridical.world.builtin_world``): this package imports neither
+  ``veridical.world`` nor ``veridical.evals``.
 - :func:`load_or_profile` ``(engine, data, cache_dir=None, ...)`` returns the cached profile of
   (model fingerprint, calibration digest, settings) from ``cache_dir`` (default
   ``$VERIDICAL_CACHE/heads``, file ``profile-<key>.json``), else computes it with
@@ -66,6 +67,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from veridical.provenance import versions
 
 from .capture import capture, eager_attention, num_query_heads, prepare
 from .scores import (
@@ -146,24 +149,20 @@ def calibration_images(
 ) -> tuple[list[Any], str]:
     """``(images, source)``: the first ``limit`` images of ``data`` (None = all).
 
-    ``data``: ``"builtin:synthcoco"`` (the built-in SynthCOCO world, split ``world_split``,
-    generated into the cache on first use by ``veridical.world.builtin_world``); a SynthCOCO
-    world folder (``images/<world_split>``); a folder of images (searched recursively, sorted by
-    path); one image file; or a list of images (PIL images, paths or bytes).
+    ``data``: a SynthCOCO world folder (``images/<world_split>``; the built-in world's folder is
+    ``veridical.world.builtin_world(split)``, which the command line uses for
+    ``builtin:synthcoco``); a folder of images (searched recursively, sorted by path); one image
+    file; or a list of images (PIL images, paths or bytes).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit={limit!r} must be a positive integer (or None for all images)")
-    if isinstance(data, str) and data == DEFAULT_DATA:
-        from veridical.world import builtin_world
-
-        folder = builtin_world(world_split) / "images" / world_split
-        images: list[Any] = sorted(p for p in folder.iterdir() if p.suffix == ".png")
-        source = f"{DEFAULT_DATA}:{world_split}"
-    elif isinstance(data, (str, os.PathLike)):
+    images: list[Any]
+    if isinstance(data, (str, os.PathLike)):
         if str(data).startswith("builtin:"):
             raise ValueError(
-                f"data={str(data)!r} is not a built-in data set; use {DEFAULT_DATA!r}, a folder "
-                "of images or a SynthCOCO world folder"
+                f"data={str(data)!r} is a name, not a folder: pass its folder (the command line "
+                f"resolves {DEFAULT_DATA!r}: veridical.world.builtin_world(split)), a folder of "
+                "images or a SynthCOCO world folder"
             )
         path = Path(data).expanduser()
         if path.is_file():
@@ -176,13 +175,13 @@ def calibration_images(
         else:
             raise ValueError(
                 f"data={str(data)!r} does not exist; give a folder of images, a SynthCOCO world "
-                f"folder, an image file or {DEFAULT_DATA!r}"
+                "folder or an image file"
             )
     elif isinstance(data, Sequence):
         images, source = list(data), "<given images>"
     else:
         raise ValueError(
-            f"data must be {DEFAULT_DATA!r}, a path or a list of images, got "
+            "data must be a path or a list of images, got "
             f"{type(data).__name__}"
         )
     if not images:
@@ -289,15 +288,6 @@ def _model_info(engine: Any) -> dict[str, Any]:
         "head_dim": head_dim,
         "hidden_size": int(text.hidden_size),
     }
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    import veridical
-
-    return {"veridical": veridical.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__}
 
 
 def _progress(iterable, total: int, enabled: bool | None):
@@ -457,7 +447,7 @@ def profile_model(
         "settings": settings_out,
         "scores": {name: (total / n).tolist() for name, total in sums.items()},
         "sinks": tally.summary(config.min_layer_fraction, engine.tokenizer),
-        "versions": _versions(),
+        "versions": versions(("veridical", "torch", "transformers"), python=False),
     }
     profile["cache_key"] = cache_key(profile["model"]["fingerprint"],
                                      profile["calibration"]["digest"], config)

@@ -47,20 +47,22 @@ import math
 
 import torch
 
-VAR_TAU = 20.0
-VAR_REFERENCE_WIDTH = 4096  # LLaMA-2-7B, where VAR's tau = 20 was set
-RMS_EPS = 1e-6
-
-
-def _float(x: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return x.detach().to(torch.float32)
+from veridical.decoding.headmath import (  # noqa: F401 (re-exported)
+    RMS_EPS,
+    VAR_REFERENCE_WIDTH,
+    VAR_TAU,
+    as_float,
+    check_same_shape,
+    effective_tau,
+    head_norms,
+    rms_abs,
+    vhd,
+)
 
 
 def split_heads(o_proj_input: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``(..., H * Dh)`` -> ``(..., H, Dh)``: the per-head outputs inside ``o_proj``'s input."""
-    x = _float(o_proj_input, "o_proj_input")
+    x = as_float(o_proj_input, "o_proj_input")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads={num_heads!r} must be a positive integer (the query heads)")
     if x.shape[-1] % num_heads:
@@ -71,32 +73,12 @@ def split_heads(o_proj_input: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
-def head_norms(heads: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each head's output: ``(..., H, Dh)`` -> ``(..., H)``."""
-    return torch.linalg.vector_norm(_float(heads, "heads"), dim=-1)
-
-
-def _same_shape(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{names[0]} has shape {tuple(a.shape)} but {names[1]} has {tuple(b.shape)}; both must "
-            "be head outputs (..., H, Dh) of the same model at the last prompt position"
-        )
-
-
-def vhd(with_image: torch.Tensor, text_only: torch.Tensor) -> torch.Tensor:
-    """VHR's vision-aware head divergence ``||A(v, x) - A(x)||_2``: ``(..., H, Dh)`` -> ``(..., H)``."""
-    a, b = _float(with_image, "with_image"), _float(text_only, "text_only")
-    _same_shape(a, b, ("with_image", "text_only"))
-    return torch.linalg.vector_norm(a - b, dim=-1)
-
-
 def visual_sensitivity(real: torch.Tensor, counterfactual: torch.Tensor,
                        eps: float = 1e-12) -> torch.Tensor:
     """``||A(v) - A(v0)||_2 / ||A(v)||_2`` per head: ``(..., H, Dh)`` -> ``(..., H)`` (0 where the
     real output is 0)."""
-    a, b = _float(real, "real"), _float(counterfactual, "counterfactual")
-    _same_shape(a, b, ("real", "counterfactual"))
+    a, b = as_float(real, "real"), as_float(counterfactual, "counterfactual")
+    check_same_shape(a, b, ("real", "counterfactual"))
     diff = torch.linalg.vector_norm(a - b, dim=-1)
     norm = torch.linalg.vector_norm(a, dim=-1)
     return torch.where(norm > eps, diff / norm.clamp_min(eps), torch.zeros_like(diff))
@@ -105,7 +87,7 @@ def visual_sensitivity(real: torch.Tensor, counterfactual: torch.Tensor,
 def image_attention_share(last_row: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
     """Attention mass on image tokens: ``last_row`` ``(..., H, T)`` post-softmax weights of the last
     prompt position, ``image_mask`` ``(T,)`` bool -> ``(..., H)`` in [0, 1]."""
-    w = _float(last_row, "last_row")
+    w = as_float(last_row, "last_row")
     if not isinstance(image_mask, torch.Tensor) or image_mask.dtype != torch.bool:
         raise ValueError("image_mask must be a bool tensor (T,) marking the image-token positions")
     if image_mask.shape != w.shape[-1:]:
@@ -116,28 +98,10 @@ def image_attention_share(last_row: torch.Tensor, image_mask: torch.Tensor) -> t
     return (w * image_mask.to(w.device, torch.float32)).sum(-1).clamp(0.0, 1.0)
 
 
-def rms_abs(hidden: torch.Tensor, eps: float = RMS_EPS, dims: torch.Tensor | None = None
-            ) -> torch.Tensor:
-    """``|h / sqrt(mean(h^2, -1) + eps)|``: VAR's weightless RMSNorm, ``(..., D)`` -> ``(..., D)``
-    (``(..., len(dims))``: only those dimensions, the same values, when ``dims`` is given)."""
-    h = _float(hidden, "hidden")
-    inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return ((h if dims is None else h[..., dims]) * inv).abs()
-
-
-def effective_tau(tau: float, hidden_size: int) -> float:
-    """``tau * min(1, sqrt(hidden_size / 4096))``: see the module docstring."""
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-        raise ValueError(f"tau={tau!r} must be a positive number; VAR uses 20")
-    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-        raise ValueError(f"hidden_size={hidden_size!r} must be a positive integer")
-    return float(tau) * min(1.0, math.sqrt(hidden_size / VAR_REFERENCE_WIDTH))
-
-
 def massive_mask(phi: torch.Tensor, tau: float, ratio: float) -> torch.Tensor:
     """``(T, D)`` bool: ``phi > tau`` and ``phi > ratio * median(phi[t, :])`` (``phi`` from
     :func:`rms_abs`; ``tau`` already effective)."""
-    p = _float(phi, "phi")
+    p = as_float(phi, "phi")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
         raise ValueError(f"ratio={ratio!r} must be a number >= 1, e.g. 10")
     median = p.median(dim=-1, keepdim=True).values
@@ -148,7 +112,7 @@ def select_sink_dims(layer_counts: torch.Tensor, min_layer_fraction: float = 0.5
     """Sink dims from ``layer_counts`` ``(L_examined, D)``: how many calibration tokens were massive
     in each (examined layer, dim). A dim qualifies when it is massive at some token in at least
     ``ceil(min_layer_fraction * L_examined)`` layers (and at least one); returned ascending."""
-    counts = _float(layer_counts, "layer_counts")
+    counts = as_float(layer_counts, "layer_counts")
     if counts.dim() != 2:
         raise ValueError(f"layer_counts must be (layers, hidden), got shape {tuple(counts.shape)}")
     if not 0 < min_layer_fraction <= 1:

@@ -11,7 +11,7 @@ import torch
 from tests.conftest import tiny_engine
 from veridical.decoding.method import Branch, Method, apc
 from veridical.decoding.methods.m3id import without_image
-from veridical.decoding.registry import register, resolve
+from veridical.decoding.registry import registered_for, resolve
 
 Z = torch.tensor([[2.0, 1.0, 0.0, -3.0]])
 Z_NEG = torch.tensor([[1.0, 2.0, 0.0, 0.0]])
@@ -151,7 +151,6 @@ def test_batch_of_four_equals_each_alone(arch, method, images, prompts):
         assert [r.token_ids for r in batch] == alone
 
 
-@register
 class NoImageSwap(Method):
     """Test method: decode from the no-image branch alone (delta = z_u - z)."""
 
@@ -239,3 +238,10 @@ def test_scmoe_on_a_dense_model_is_a_clear_error(images):
         tiny_engine("llava").generate(images[0], "what ?", method="scmoe")
     with pytest.raises(ValueError, match="'rank' = 9 is out of range for a model with 4 experts"):
         tiny_engine("qwen3-moe").generate(None, "what ?", method="scmoe", method_args={"rank": 9})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def test_methods_registered():
+    """This module's test methods, registered for its tests only."""
+    with registered_for(NoImageSwap):
+        yield

@@ -334,19 +334,22 @@ def test_ensure_profile_builds_once_and_a_later_load_finds_it(tmp_path, monkeypa
         ensure_profile(engine, images, replace=True)  # other calibration data: computed
 
 
-def test_builtin_calibration_data_comes_from_veridical_world(tmp_path, monkeypatch):
+def test_builtin_calibration_data_is_resolved_by_the_command_line(tmp_path, monkeypatch):
     import veridical.world
+    from veridical.heads.cli import calibration_data
 
     folder = tmp_path / "world"
     (folder / "images" / "val").mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")
     for i in range(3):
         _image(i).save(folder / "images" / "val" / f"synthcoco_val_{i}.png")
     monkeypatch.setattr(veridical.world, "builtin_world", lambda split: folder)
-    images, source = calibration_images("builtin:synthcoco", limit=2, world_split="val")
+    data = calibration_data("builtin:synthcoco", "val")
+    images, source = calibration_images(data, limit=2, world_split="val")
     assert [p.name for p in images] == ["synthcoco_val_0.png", "synthcoco_val_1.png"]
-    assert source == "builtin:synthcoco:val"
-    with pytest.raises(ValueError, match="not a built-in data set"):
-        calibration_images("builtin:coco")
+    assert source == str(folder / "images" / "val")
+    with pytest.raises(ValueError, match="is a name, not a folder"):
+        calibration_images("builtin:synthcoco")
 
 
 def test_heads_never_import_evals():

@@ -8,10 +8,9 @@ import torch
 import veridical
 from tests.conftest import tiny_engine
 from veridical.decoding.method import Branch, Method, Param, Request
-from veridical.decoding.registry import Composite, register, resolve
+from veridical.decoding.registry import Composite, registered_for, resolve
 
 
-@register
 class PromptSwap(Method):
     """Test method: one branch with another prompt, whose logits replace the real ones.
 
@@ -28,7 +27,6 @@ class PromptSwap(Method):
         return self.args["weight"] * (branch_logits["swap"] - logits)
 
 
-@register
 class Shift(Method):
     """Test method with no branch: adds a constant bias to one token's logit."""
 
@@ -145,3 +143,10 @@ def test_logit_combination_reaches_the_search(images, prompts):
     out = engine.generate(images[0], prompts[0], method="test_shift",
                           method_args={"token": 7, "bias": 1e4}, max_new_tokens=3)
     assert out.token_ids == [7, 7, 7]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def test_methods_registered():
+    """This module's test methods, registered for its tests only."""
+    with registered_for(PromptSwap, Shift):
+        yield

@@ -35,11 +35,12 @@ _LAZY = {
     "MAX_TOP_LOGPROBS": "veridical.decoding.config",
     "Request": "veridical.decoding.method",
     "resolve": "veridical.decoding.registry",
+    "parse_method_sets": "veridical.decoding.registry",
     "derive_seed": "veridical.decoding.seeds",
     "fresh_seed": "veridical.decoding.seeds",
     "cut_at_stop": "veridical.decoding.stops",
     "Backend": "veridical.backend",
-    "evaluate": "veridical.evals.runner",
+    "evaluate": "veridical.evaluation",
     "EvalConfig": "veridical.evals.runner",
 }
 

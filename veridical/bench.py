@@ -155,7 +155,7 @@ def applicable_methods(engine) -> list[str]:
     """Registered methods this model can run (``scmoe`` needs MoE routers; tests' excluded)."""
     from .decoding.registry import registered
 
-    names = [n for n in registered() if not n.startswith("test_")]
+    names = list(registered())
     if not engine.adapter.routers(engine.model):
         names = [n for n in names if n != "scmoe"]
     return names

@@ -17,20 +17,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .decoding.registry import parse_method_sets as parse_sets
 from .errors import VeridicalError
 
 console = Console()
-
-
-def parse_sets(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """``["alpha=1", "vcd.beta=0.2"]`` -> ``{"alpha": "1", "vcd.beta": "0.2"}`` (methods coerce)."""
-    out: dict[str, Any] = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise VeridicalError(f"--set {pair!r} must look like key=value (e.g. --set alpha=1)")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def _int_list(text: str) -> list[int]:
@@ -236,12 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     meth_b.add_argument("--device", default=None)
     meth_b.add_argument("--json", action="store_true")
     meth_b.set_defaults(func=cmd_bench_methods)
-    for module in _BENCH_PLUGINS:
-        try:
-            add = __import__(module, fromlist=["add_bench"]).add_bench
-        except (ImportError, AttributeError):
-            continue
-        add(bench_sub)
+    from veridical.kernels.bench import add_bench as add_kernel_bench
+    from veridical.server.bench import add_bench as add_serve_bench
+
+    add_kernel_bench(bench_sub)
+    add_serve_bench(bench_sub)
 
     demo = sub.add_parser("demo", help="the main job: every method on the built-in model")
     demo.add_argument("--model", default=None, help="default: the built-in model")
@@ -255,26 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bootstrap draws for the interval table (0 = none)")
     demo.set_defaults(func=cmd_demo)
 
-    for module in _PLUGINS:
-        try:
-            add = __import__(module, fromlist=["add_subcommands"]).add_subcommands
-        except (ImportError, AttributeError):
-            continue
+    # every other command, registered explicitly (a module with a bug fails loudly here)
+    from veridical.evals.cli import add_subcommands as add_eval
+    from veridical.evals.score_cli import add_subcommands as add_score
+    from veridical.heads.cli import add_subcommands as add_heads
+    from veridical.server.cli import add_subcommands as add_serve
+    from veridical.world.generate import add_subcommands as add_world
+
+    for add in (add_score, add_world, add_eval, add_heads, add_serve):
         add(sub)
     return parser
-
-
-# Modules that add `veridical bench` subcommands through add_bench(bench_subparsers).
-_BENCH_PLUGINS = ("veridical.kernels.bench", "veridical.server.bench")
-
-# Modules that add their own subcommands through add_subcommands(subparsers).
-_PLUGINS = (
-    "veridical.evals.score_cli",
-    "veridical.world.generate",
-    "veridical.evals.runner",
-    "veridical.heads.cli",
-    "veridical.server.cli",
-)
 
 
 def run_command(args: argparse.Namespace, verbose: bool = False) -> int:

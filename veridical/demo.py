@@ -27,12 +27,10 @@ def default_model() -> str:
     return "builtin:synthcoco-llava" if shipped else "tiny-random:llava"
 
 
-def _eval(argv: list[str], engine) -> dict:
-    from .cli import build_parser
-    from .evals.runner import evaluate
+def _eval(engine, benchmark: str, **settings) -> dict:
+    from .evaluation import EvalConfig, evaluate
 
-    args = build_parser().parse_args(["eval", *argv])
-    return evaluate(args, engine=engine, quiet=True)
+    return evaluate(engine, EvalConfig(benchmark, **settings), quiet=True)
 
 
 BEAM = "beam5"  # the baseline with 5-beam search: what OPERA (5 beams) is compared with
@@ -41,11 +39,11 @@ BEAM = "beam5"  # the baseline with 5-beam search: what OPERA (5 beams) is compa
 def _bootstrapped(folder: Path, names: list[str], draws: int) -> dict[str, dict]:
     """value [95% CI] of every metric per run, and the paired difference to ``names[0]``."""
     from .evals import stats
-    from .evals.runner import _samples
+    from .evals.runner import read_samples
 
     out: dict[str, dict] = {n: {} for n in names}
     for split in ("random", "adversarial"):
-        counts = [stats.pope_counts(_samples(str(folder / n / f"pope-{split}")), None)
+        counts = [stats.pope_counts(read_samples(str(folder / n / f"pope-{split}")), None)
                   for n in names]
         for n, row in zip(names, stats.bootstrap(counts, stats.pope_metrics, draws)):
             out[n][f"{split}_f1"], out[n][f"{split}_acc"] = row["f1"], row["accuracy"]
@@ -111,18 +109,17 @@ def run_demo(model: str | None = None, output: str = "runs/demo", quick: bool = 
     for name in names:
         start = time.perf_counter()
         row: dict = {"method": name}
-        common = ["--model", ref, "--data", "builtin:synthcoco", "--batch-size", str(batch_size),
-                  *(["--method", "none", "--num-beams", "5"] if name == BEAM
-                    else ["--method", name])]
+        common = dict(model=ref, data="builtin:synthcoco", batch_size=batch_size,
+                      method="none" if name == BEAM else name,
+                      num_beams=5 if name == BEAM else 1)
         for split in ("random", "adversarial"):
             out = Path(output) / name / f"pope-{split}"
-            res = _eval(["pope", *common, "--split", split, "--limit", str(pope_questions),
-                         "--output", str(out)], engine)
+            res = _eval(engine, "pope", **common, split=split, limit=pope_questions,
+                        output=str(out))
             row[f"{split}_acc"] = res["metrics"]["accuracy"]
             row[f"{split}_f1"] = res["metrics"]["f1"]
         out = Path(output) / name / "chair"
-        res = _eval(["chair", *common, "--num-images", str(chair_images), "--output", str(out)],
-                    engine)
+        res = _eval(engine, "chair", **common, num_images=chair_images, output=str(out))
         row.update({k: res["metrics"][k] for k in ("chair_s", "chair_i", "recall")})
         row["seconds"] = time.perf_counter() - start
         rows.append(row)

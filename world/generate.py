@@ -559,23 +559,13 @@ def add_generate_parser(world_subparsers: Any) -> argparse.ArgumentParser:
     return gen
 
 
-# Modules that add more `veridical world ...` subcommands through add_world_subcommands(sub).
-_WORLD_PLUGINS = ("veridical.world.train",)
-
-
 def add_subcommands(subparsers: Any) -> Any:
-    """Register ``world`` (with ``generate``) on a top-level argparse subparsers object.
+    """Register ``world`` (``generate``, and ``train`` from :mod:`.train`) on a top-level
+    argparse subparsers object; return the ``world`` subparsers."""
+    from .train import add_world_subcommands
 
-    Returns the ``world`` subparsers, so more ``world`` subcommands can be added; modules listed
-    in ``_WORLD_PLUGINS`` that define ``add_world_subcommands(sub)`` are added automatically.
-    """
     world = subparsers.add_parser("world", help="the built-in SynthCOCO world")
     world_sub = world.add_subparsers(dest="world_command", required=True)
     add_generate_parser(world_sub)
-    for module in _WORLD_PLUGINS:
-        try:
-            add = __import__(module, fromlist=["add_world_subcommands"]).add_world_subcommands
-        except (ImportError, AttributeError):
-            continue
-        add(world_sub)
+    add_world_subcommands(world_sub)
     return world_sub

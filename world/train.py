@@ -57,6 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from veridical.provenance import versions
+
 from .render import PALETTE
 from .text import MME_SUFFIX, NUMBERS, PLURALS, mme_pair, plural, with_article
 from .world import SCENES, World, WorldConfig, build_world
@@ -852,7 +854,7 @@ def train(world_dir: str | Path, out: str | Path, cfg: TrainConfig, *,
         "schedule_changes": state.get("schedule_changes", []),
         "init": init_info,
         "stopped_at_step": state["step"] if stopped else None,
-        "versions": _versions(),
+        "versions": versions(("torch", "transformers", "numpy"), python=False),
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(log_path, out / "loss_curve.png")
@@ -861,14 +863,6 @@ def train(world_dir: str | Path, out: str | Path, cfg: TrainConfig, *,
 
         shutil.rmtree(ckpt)
     return summary
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__}
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -29,7 +29,6 @@ def without_image(request: Request, rng) -> Request:
 class M3ID(Method):
     name = "m3id"
     description = "M3ID: contrast with a no-image branch, stronger as decoding proceeds."
-    is_argmax_invariant = False
     params = (
         Param("lam", 0.02, "decay of g_t = exp(-lam * t) (0 = off)", low=0.0, high=1.0),
         Param("beta", 0.1, "APC: keep tokens with p >= beta * p_max", low=0.0, high=1.0),

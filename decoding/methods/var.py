@@ -68,11 +68,11 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from veridical import kernels
-from veridical.heads.scores import RMS_EPS, effective_tau, rms_abs
 from veridical.kernels import cpu
 from veridical.kernels.reference import VAR_EPS
 
 from ..attention import AttentionEdit, current_plan, row_logits
+from ..headmath import RMS_EPS, effective_tau, rms_abs
 from ..method import Method, Param
 from ..registry import register
 
@@ -253,7 +253,6 @@ def sink_hooks(engine, dims: list[int], tau: float, layers: range, decode_sinks:
 class VAR(Method):
     name = "var"
     description = "Visual attention redistribution: move attention from sink tokens to the image."
-    is_argmax_invariant = False
     params = (
         Param("p", 0.6, "share kept by the sink keys in image-centric heads (1 = off)",
               low=0.0, high=1.0),

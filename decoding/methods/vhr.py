@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from veridical.heads.scores import head_norms, vhd
-
 from ..attention import AttentionEdit
+from ..headmath import head_norms, vhd
 from ..method import Method, Param, Request
 from ..registry import register
 
@@ -81,7 +80,6 @@ class VHREdit(AttentionEdit):
 class VHR(Method):
     name = "vhr"
     description = "Vision-aware head reinforcement: amplify the heads most sensitive to the image."
-    is_argmax_invariant = False
     params = (
         Param("alpha", 2.0, "factor on the selected heads' outputs (1 = off; 4 degenerates)",
               low=0.0, high=10.0),
