@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from veridical.decoding.attention import text_attention
+from veridical.decoding.capture import last_position_head_outputs
 
 from .scores import split_heads
 
@@ -62,11 +63,7 @@ def num_query_heads(model: torch.nn.Module) -> int:
 
 def prepare(engine: Any, row: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One encoded row on the model's device, pixels in the model's dtype."""
-    out = {k: v.to(engine.device) for k, v in row.items()}
-    for key in ("pixel_values", "pixel_values_videos"):
-        if key in out and out[key].is_floating_point():
-            out[key] = out[key].to(engine.model.dtype)
-    return out
+    return engine.collate([row])
 
 
 def capture(
@@ -85,15 +82,9 @@ def capture(
     model, adapter = engine.model, engine.adapter
     layers = adapter.decoder_layers(model)
     heads_n = num_query_heads(model)
-    outputs: list[torch.Tensor | None] = [None] * len(layers)
     rows: list[torch.Tensor | None] = [None] * len(layers)
     reduced: list[Any] = [None] * len(layers)
     handles = []
-
-    def on_o_proj(index: int):
-        def hook(module, args):
-            outputs[index] = args[0][0, -1].detach().float().cpu()  # (H * Dh,)
-        return hook
 
     def on_attention(index: int):
         def hook(module, args, output):
@@ -114,19 +105,20 @@ def capture(
 
     try:
         for i, layer in enumerate(layers):
-            handles.append(adapter.o_proj(layer).register_forward_pre_hook(on_o_proj(i)))
             if attention:
                 handles.append(adapter.attention(layer).register_forward_hook(on_attention(i)))
             if hidden_fn is not None:
                 handles.append(layer.register_forward_pre_hook(on_layer(i), with_kwargs=True))
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
+        with last_position_head_outputs(model, adapter, range(len(layers))) as outputs:
+            with torch.no_grad():
+                model(**inputs, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    if any(o is None for o in outputs):
-        missing = [i for i, o in enumerate(outputs) if o is None]
+    missing = [i for i in range(len(layers)) if i not in outputs]
+    if missing:
         raise RuntimeError(f"o_proj of layers {missing} did not run during the forward")
-    heads = split_heads(torch.stack(outputs), heads_n)  # (L, H, Dh)
+    heads = split_heads(torch.stack([outputs[i][0].cpu() for i in range(len(layers))]),
+                        heads_n)  # (L, H, Dh)
     attn = torch.stack(rows) if attention else None  # (L, H, T)
     return Capture(heads=heads, attention=attn, hidden=reduced if hidden_fn is not None else None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import AttentionEdit
+from ..capture import last_position_head_outputs as last_position_head_outputs_of
 from ..headmath import head_norms, vhd
 from ..method import Method, Param, Request
 from ..registry import register
@@ -36,29 +37,16 @@ def vhr_layers(n_layers: int) -> list[int]:
     return sorted({first, *range(n_layers - last, n_layers)})
 
 
-def last_position_head_outputs(engine, requests: list[Request], layers: list[int]
+def last_position_head_outputs(ctx, requests: list[Request], layers: list[int]
                                ) -> dict[int, torch.Tensor]:
     """Per layer: (n, H, D) attention outputs (o_proj inputs) at each request's last prompt
     position, from one unedited forward of the encoded requests."""
-    decoder = engine.adapter.decoder_layers(engine.model)
-    heads = engine.adapter.text_config(engine.model.config).num_attention_heads  # query heads
-    captured: dict[int, torch.Tensor] = {}
-
-    def capture(layer):
-        def hook(module, args):
-            captured[layer] = args[0][:, -1, :].detach().float()
-        return hook
-
-    handles = [engine.adapter.o_proj(decoder[layer]).register_forward_pre_hook(capture(layer))
-               for layer in layers]
-    batch = engine.collate([engine.encode(r) for r in requests])
-    try:
+    heads = ctx.adapter.text_config(ctx.model.config).num_attention_heads  # query heads
+    batch = ctx.collate([ctx.encode(r) for r in requests])
+    with last_position_head_outputs_of(ctx.model, ctx.adapter, layers) as captured:
         with torch.inference_mode():
-            engine.model(**batch, position_ids=engine.prefill_positions(batch),
-                         use_cache=False, logits_to_keep=1)
-    finally:
-        for handle in handles:
-            handle.remove()
+            ctx.model(**batch, position_ids=ctx.prefill_positions(batch), use_cache=False,
+                      logits_to_keep=1)
     return {layer: x.view(x.shape[0], heads, -1) for layer, x in captured.items()}
 
 
