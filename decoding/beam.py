@@ -135,6 +135,9 @@ def beam_search(ctx: MethodContext, state: BatchState, method: Method, n_branche
         for i in range(b):
             if done[i] is not None:
                 best[live[i]] = done[i]
+            elif live[i] in ctx.cancelled:  # between two steps: its best running beam so far
+                complete[i] = True
+                best[live[i]] = (beams.running[i, 0].tolist(), "cancelled")
         keep = (~complete).nonzero().flatten()
         if keep.numel() == 0:
             break

@@ -12,6 +12,7 @@ any axis touches no engine file. The context offers:
   that batch's position ids by the model's own rule;
 - ``scores(method, logits, n_slots, names, step)``: the method's next-token scores from the
   logits of all branch rows; ``finished(token_ids, config)``: whether a sequence ended;
+- ``cancelled``: the requests cancelled while the call runs (a search checks it between steps);
 - ``current_plan()``: the edit plan of the forward running now (inside attention hooks), whose
   ``data(name)`` is the per-request state a method prepared and ``key_state`` its per-key state.
 
@@ -20,7 +21,7 @@ The batch a search works on is a :class:`~.state.BatchState`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +46,9 @@ class MethodContext:
     pad_id: int
     head_profile: dict | None = None
     attention_impl: str = "auto"  # "auto", "triton" or "torch": edited layers' route
+    # requests cancelled while the call runs (the stream's ``cancel``): searches that know their
+    # tokens only at the end (beam search, OPERA) end them between two steps
+    cancelled: set[int] = field(default_factory=set)
 
     @property
     def device(self) -> torch.device:

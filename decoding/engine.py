@@ -270,6 +270,7 @@ def _events(engine: Engine, requests: list[Request], method: Method, config: Dec
             seeds: list[int], admit: AdmitCallback | None, cancelled: set[int]
             ) -> Iterator[Event]:
     ctx = engine.context()
+    ctx.cancelled = cancelled
     custom = method.search()
     branches = method.branches()
     n_branches = len(branches) + 1

@@ -15,6 +15,7 @@ batch, and from then on share every step, each at its own decode step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -41,11 +42,13 @@ class Finished:
 
 
 def token_logprobs(scores: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
-    """Each row's chosen token's log-probability under ``scores`` and its top ``k``."""
+    """Each row's chosen token's log-probability under ``scores`` and its top ``k``; tokens the
+    scores rule out (-inf: APC's cut, a banned EOS) are left out of the top, which may then
+    hold fewer than ``k``."""
     logp = torch.log_softmax(scores.float(), dim=-1)
     picked = logp.gather(1, chosen[:, None])[:, 0].tolist()
     top_v, top_i = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    return [TokenLogprob(int(t), p, tuple(zip(i, v)))
+    return [TokenLogprob(int(t), p, tuple((a, b) for a, b in zip(i, v) if math.isfinite(b)))
             for t, p, i, v in zip(chosen.tolist(), picked, top_i.tolist(), top_v.tolist())]
 
 

@@ -239,6 +239,9 @@ def opera_search(ctx: MethodContext, state: BatchState, method: Any, n_branches:
         for q, sq in enumerate(seqs):
             base = q * nb
             slot_rows = slice(base, base + nb)
+            if sq.index in ctx.cancelled:  # seen between two steps: it leaves the batch
+                results[sq.index] = (list(sq.tokens[0]), "cancelled")
+                continue
             if sq.replay is None:
                 step = _normal_step(ctx, sq, probs[slot_rows], image[slot_rows].float(), out,
                                     length, base, n_slots, n_branches, opts, config, trace)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import veridical
 from tests.conftest import tiny_engine
-from veridical.decoding.engine import DecodingConfig
+from veridical import DecodingConfig, TokenEvent
 from veridical.decoding.inputs import encode
 from veridical.decoding.registry import resolve
 from veridical.tiny import ARCHS
@@ -379,3 +381,27 @@ def test_beam_search_search_methods_and_hooked_preparing_methods_take_no_newcome
     engine.run([request], resolve("var", {"sink_dims": "3,7"}), DecodingConfig(max_new_tokens=3),
                [None], admit=lambda n: asked.append(n) or [])
     assert asked == [1, 1, 1, 0]  # before each step, and once the batch has drained
+
+
+@pytest.mark.parametrize("method,beams", [("opera", 1), ("none", 3)])
+def test_searches_see_cancellation_between_steps(method, beams, images, prompts):
+    # beam search and OPERA send their tokens only at the end: a request cancelled while they
+    # run (the server's disconnect) leaves at the next step, and the others decode on
+    engine = tiny_engine("llava")
+    requests = [engine.request(i, p, n) for n, (i, p) in enumerate(zip(images[:2], prompts[:2]))]
+    config = DecodingConfig(max_new_tokens=6, num_beams=beams)
+    alone = engine.run(requests[1:], resolve(method), config, [0])[0]
+    stream = engine.stream(requests, resolve(method), config, [0, 0])
+    stream.cancel(0)
+    results = {e.request: e.result for e in stream if not isinstance(e, TokenEvent)}
+    assert results[0].finish_reason == "cancelled" and len(results[0].token_ids) <= 1
+    assert results[1].token_ids == alone.token_ids
+
+
+def test_logprobs_leave_out_the_tokens_the_method_rules_out(images, prompts):
+    engine = tiny_engine("llava")
+    out = engine.generate(images[0], prompts[0], method="vcd", method_args={"beta": 1.0},
+                          max_new_tokens=3, logprobs=5)
+    # beta = 1 keeps only the most likely token: its alternatives are all cut (-inf)
+    assert all(len(t.top) == 1 and t.top[0][0] == t.token_id for t in out.logprobs)
+    assert all(math.isfinite(t.logprob) for t in out.logprobs)

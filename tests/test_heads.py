@@ -393,3 +393,13 @@ def test_cli_writes_profile_and_heatmaps(tmp_path, capsys):
            "--out", str(out)]
     assert heads_main(bad) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_can_build_the_profile_at_start_up():
+    pytest.importorskip("fastapi")
+    from veridical.cli import build_parser
+    from veridical.server.settings import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--model", "tiny-random:llava",
+                                      "--profile-heads", "builtin:synthcoco"])
+    assert settings_from_args(args, env={}).profile_heads == "builtin:synthcoco"

@@ -40,7 +40,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from veridical.decoding.engine import DecodingConfig  # noqa: E402
+from veridical import DecodingConfig, TokenEvent  # noqa: E402
 from veridical.decoding.method import Request  # noqa: E402
 from veridical.decoding.registry import resolve  # noqa: E402
 from veridical.server import ServerSettings, create_app  # noqa: E402
@@ -589,11 +589,11 @@ def test_hypothesis_valid_requests_long(server):
 
 # A server whose engine waits at a gate ------------------------------------------------------
 class GatedEngine:
-    """The tiny engine, but ``run`` waits until ``gate`` is set (bounded) and records batches;
-    a prompt of ``"boom"`` raises an unexpected error. Each token of a request whose prompt is
-    in ``paced`` waits at ``token_gate`` after the server's callback has seen it; ``tokens``
-    records (prompt, token, what the callback answered) of those; ``counts`` the tokens of every
-    prompt; a prompt in ``slow`` takes that many more seconds per token."""
+    """The tiny engine, but its event stream waits until ``gate`` is set (bounded) and records
+    batches; a prompt of ``"boom"`` raises an unexpected error. Each token of a request whose
+    prompt is in ``paced`` waits at ``token_gate`` after the server has handled it; ``tokens``
+    records (prompt, token, whether the server let it go on) of those; ``counts`` the tokens of
+    every prompt; a prompt in ``slow`` takes that many more seconds per token."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
@@ -609,36 +609,46 @@ class GatedEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    def run(self, requests, method, config, seeds, on_token=None, on_done=None, admit=None):
+    def stream(self, requests, method, config, seeds, admit=None):
         batch = [r.prompt for r in requests]  # with the prompts that join it while it runs
         self.batches.append(batch)
-        self.entered.set()
-        if not self.gate.wait(30):
-            raise RuntimeError("the test never opened the gate")
-        if any(r.prompt == "boom" for r in requests):
-            raise RuntimeError("boom")
 
         def joining(n_live: int) -> list:
             new = admit(n_live)
             batch.extend(r.prompt for r, _ in new)
             return new
 
-        more = dict(on_done=on_done, admit=joining if admit is not None else None)
-        if on_token is None:
-            return self._engine.run(requests, method, config, seeds, **more)
+        inner = self._engine.stream(requests, method, config, seeds,
+                                    admit=joining if admit is not None else None)
+        return GatedStream(self, inner, batch)
 
-        def paced(request: int, token: int, logprob: Any) -> bool:
-            go_on = on_token(request, token, logprob)
-            prompt = batch[request]
-            self.counts[prompt] += 1
-            time.sleep(self.slow.get(prompt, 0.0))
-            if prompt in self.paced:
-                self.tokens.append((prompt, token, go_on))
-                if not self.token_gate.wait(30):
+
+class GatedStream:
+    """The engine's event stream, entered only through the gate, paced per token."""
+
+    def __init__(self, owner: GatedEngine, inner: Any, batch: list[str]) -> None:
+        self.owner, self.inner, self.batch = owner, inner, batch
+        self.cancel = inner.cancel
+
+    def __iter__(self):
+        owner = self.owner
+        owner.entered.set()
+        if not owner.gate.wait(30):
+            raise RuntimeError("the test never opened the gate")
+        if any(prompt == "boom" for prompt in self.batch):
+            raise RuntimeError("boom")
+        for event in self.inner:
+            yield event  # the server handles it (and may cancel) before we go on
+            if not isinstance(event, TokenEvent):
+                continue
+            prompt = self.batch[event.request]
+            owner.counts[prompt] += 1
+            time.sleep(owner.slow.get(prompt, 0.0))
+            if prompt in owner.paced:
+                go_on = event.request not in self.inner.cancelled
+                owner.tokens.append((prompt, event.token_id, go_on))
+                if not owner.token_gate.wait(30):
                     raise RuntimeError("the test never opened the token gate")
-            return go_on
-
-        return self._engine.run(requests, method, config, seeds, on_token=paced, **more)
 
 
 @contextmanager
@@ -792,7 +802,8 @@ def test_remote_images_only_when_enabled(tmp_path):
     base = f"http://127.0.0.1:{files.server_address[1]}"
     try:
         app = create_app(tiny_engine("llava"), ServerSettings(
-            model=MODEL, allow_remote_media=True, remote_media_timeout_s=10, **LIMITS))
+            model=MODEL, allow_remote_media=True, allow_private_media_hosts=True,
+            remote_media_timeout_s=10, **LIMITS))
         with serve_in_thread(app) as url:
             ok = _send(url, _messages_with(base + "/ok.png"))
             by_data = _send(url, body())

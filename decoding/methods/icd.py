@@ -22,9 +22,9 @@ def _disturbed(request: Request, rng, role: str) -> Request:
 class ICD(Method):
     name = "icd"
     description = "Instruction contrastive decoding: subtract a disturbed-instruction branch."
-    is_argmax_invariant = False
     params = (
-        Param("alpha", 1.0, "contrast strength (0 = off)", low=0.0),
+        Param("alpha", 1.0, "contrast strength (0 = off; bounded so scores stay finite)", low=0.0,
+              high=100.0),
         Param("beta", 0.1, "APC: keep tokens with p >= beta * p_max", low=0.0, high=1.0),
         Param("role", DEFAULT_DISTURBANCE, "the disturbance instruction (system message)",
               type=str),

@@ -55,8 +55,10 @@ class PAI(PAICFG):
     name = "pai"
     description = "PAI: boost image attention (pre-softmax) plus text-only guidance."
     params = (
-        Param("alpha", 0.2, "attention boost on image tokens (0 = off)", low=0.0),
-        Param("gamma", 1.1, "guidance scale g (1 = off)", low=1.0),
+        Param("alpha", 0.2, "attention boost on image tokens (0 = off; bounded so attention "
+              "scores stay finite)", low=0.0, high=10.0),
+        Param("gamma", 1.1, "guidance scale g (1 = off; bounded so scores stay finite)", low=1.0,
+              high=100.0),
         Param("beta", 0.1, "APC: keep tokens with p >= beta * p_max", low=0.0, high=1.0),
         Param("start_layer", -1, "first edited layer (-1: the paper's 2 of 32, scaled)",
               type=int, low=-1),

@@ -16,9 +16,9 @@ from .m3id import without_image
 class PAICFG(Method):
     name = "pai_cfg"
     description = "PAI's guidance: amplify the image's effect against a text-only branch."
-    is_argmax_invariant = False
     params = (
-        Param("gamma", 1.1, "guidance scale g (1 = off)", low=1.0),
+        Param("gamma", 1.1, "guidance scale g (1 = off; bounded so scores stay finite)", low=1.0,
+              high=100.0),
         Param("beta", 0.1, "APC: keep tokens with p >= beta * p_max", low=0.0, high=1.0),
     )
 

@@ -24,9 +24,9 @@ def _transformed(request: Request, rng) -> Request:
 class Ritual(Method):
     name = "ritual"
     description = "RITUAL: add the logits of a randomly transformed image (APC on z)."
-    is_argmax_invariant = False
     params = (
-        Param("alpha_pos", 3.0, "weight of the transformed-image branch (0 = off)", low=0.0),
+        Param("alpha_pos", 3.0, "weight of the transformed-image branch (0 = off; bounded so "
+              "scores stay finite)", low=0.0, high=100.0),
         Param("beta", 0.1, "APC: keep tokens with p >= beta * p_max", low=0.0, high=1.0),
     )
 

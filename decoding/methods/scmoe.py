@@ -27,9 +27,9 @@ from ..routing import weak_routing_hooks
 class SCMoE(Method):
     name = "scmoe"
     description = "Self-contrast MoE: subtract a branch routed to a weaker expert (MoE models)."
-    is_argmax_invariant = False
     params = (
-        Param("beta", 0.5, "contrast strength (0 = off)", low=0.0),
+        Param("beta", 0.5, "contrast strength (0 = off; bounded so scores stay finite)", low=0.0,
+              high=100.0),
         Param("alpha", 0.1, "APC: keep tokens with p >= alpha * p_max", low=0.0, high=1.0),
         Param("rank", 2, "the weak branch's expert: 0 = top-ranked, 2 = third", type=int, low=0),
         Param("early_stop", False, "allow EOS (the reference bans it)", type=bool),

@@ -17,9 +17,9 @@ from ..registry import register
 class VCD(Method):
     name = "vcd"
     description = "Visual contrastive decoding: subtract a noised-image branch (APC on z)."
-    is_argmax_invariant = False
     params = (
-        Param("alpha", 1.0, "contrast strength (0 = off)", low=0.0),
+        Param("alpha", 1.0, "contrast strength (0 = off; bounded so scores stay finite)", low=0.0,
+              high=100.0),
         Param("beta", 0.1, "APC: keep tokens with p >= beta * p_max (0 = keep all)", low=0.0,
               high=1.0),
         Param("noise_step", 500, "diffusion step of the noise (0..999)", type=int, low=0,

@@ -5,15 +5,23 @@ Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{model}``,
 the settings and the ``ChatServing`` (with its batcher) live on ``app.state``; the lifespan starts
 the batcher and, at shutdown, lets it finish every request already accepted.
 
+The chat body is read by ``Guard`` (with its size and time limits), then parsed and validated
+in a worker thread (``protocol.parse_chat_request``), never on the event loop, so a large or
+convoluted body cannot hold up other requests; the OpenAPI document still describes it with
+``ChatCompletionRequest``'s own JSON schema (bounds exact, as pydantic writes them).
+
 Every error, whatever raised it, is answered in OpenAI's envelope
-``{"error": {"message", "type", "param", "code"}}`` and logged: ``ApiError`` with its own status;
-a body that is not JSON -> 400; a body that does not fit the schema -> 422 naming the first
-offending field (by its path, e.g. ``messages.0.content``); unknown routes -> 404; wrong HTTP
-method -> 405; anything unexpected -> 500 with the traceback in the log only.
+``{"error": {"message", "type", "param", "code"}}`` and logged: ``ApiError`` with its own status
+and headers; a body that is not JSON -> 400; a body that does not fit the schema -> 422 naming
+the most specific offending field (by its path, e.g. ``messages[0].content``); unknown routes ->
+404; wrong HTTP method -> 405 with ``Allow``; 429 and 503 with ``Retry-After``; anything
+unexpected -> 500 with the traceback in the log only. JSON answers never hold NaN or infinities
+(Starlette's encoder refuses them, so a regression is a loud 500, not invalid JSON).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -25,8 +33,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from .errors import ApiError, error_body, shorten
-from .guard import Guard
-from .protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
+from .guard import Draining, Guard
+from .protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelList,
+    parse_chat_request,
+    validation_error,
+)
 from .serving import ChatServing
 from .settings import ServerSettings
 
@@ -34,8 +50,9 @@ logger = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse}
-    for status in (400, 401, 404, 413, 422, 429, 500, 503)
+    for status in (400, 401, 404, 408, 413, 422, 429, 500, 503)
 }
+_REQUEST_REF = "#/components/schemas/ChatCompletionRequest"
 
 router = APIRouter()
 
@@ -67,8 +84,11 @@ async def get_model(model: str, request: Request) -> dict[str, Any]:
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={
     **_ERRORS, 200: {"content": {"text/event-stream": {}},
                      "description": "a chat.completion, or server-sent chat.completion.chunk "
-                                    "events when stream is true"}})
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+                                    "events when stream is true"}},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": _REQUEST_REF}}}}})
+async def chat_completions(request: Request) -> Response:
+    body = await asyncio.to_thread(parse_chat_request, await request.body())
     return await request.app.state.serving.complete(body, request)
 
 
@@ -101,11 +121,40 @@ def create_app(engine: Any, settings: ServerSettings) -> FastAPI:
     app.state.settings = settings
     app.state.serving = serving
     app.state.created = int(time.time())
+    app.state.draining = Draining()
     app.include_router(router)
     _install_error_handlers(app)
+    _document_request_body(app)
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_request_bytes,
-                       max_concurrent=settings.max_concurrent_requests)
+                       max_concurrent=settings.max_concurrent_requests,
+                       body_timeout_s=settings.request_body_timeout_s,
+                       max_receiving_bytes=settings.max_receiving_bytes,
+                       draining=app.state.draining)
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """The server is about to stop (callable from a signal handler or another thread): request
+    bodies still being received are answered 503 at once instead of holding up the shutdown."""
+    app.state.draining.set()
+
+
+def _document_request_body(app: FastAPI) -> None:
+    """Put ``ChatCompletionRequest``'s JSON schema (and the models it uses) into the OpenAPI
+    document's components, where the chat route's request body points."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            request = ChatCompletionRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            models = schema.setdefault("components", {}).setdefault("schemas", {})
+            models.update(request.pop("$defs", {}))
+            models["ChatCompletionRequest"] = request
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -116,7 +165,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         else:
             logger.warning("%s %s -> %d %s", request.method, request.url.path, error.status,
                            error.message)
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -125,16 +174,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        # The deepest error is the most specific (a union reports one error per member).
-        first = max(errors, key=lambda e: len(e.get("loc", ())), default={
-            "loc": (), "msg": "invalid request", "type": ""})
         if any(e.get("type") == "json_invalid" for e in errors):
             return answer(request, ApiError(400, "request body is not valid JSON",
                                             code="invalid_json"))
-        param = _param(first.get("loc", ()))
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}"
-        return answer(request, ApiError(422, message, param=param, code="invalid_type"))
+        return answer(request, validation_error(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -142,32 +185,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             detail = f"no route {shorten(request.url.path)}; see /docs for the API"
-        return answer(request, ApiError(exc.status_code, detail, code=code))
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            detail = (f"{request.method} is not allowed on {shorten(request.url.path)}; use "
+                      f"{allowed or 'another method'}")
+        return answer(request, ApiError(exc.status_code, detail, code=code,
+                                        headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error("%s %s -> 500", request.method, request.url.path, exc_info=exc)
         return JSONResponse(error_body("internal server error; see the server log",
                                        "server_error", None, "internal_error"), status_code=500)
-
-
-_TYPE_LABELS = {"str", "int", "float", "bool", "none", "dict", "list"}
-
-
-def _param(loc: Any) -> str | None:
-    """pydantic's ``("body", "messages", 0, "content", "list[...]", 0, "text", "text")`` ->
-    ``"messages[0].content[0].text"``: union-member labels dropped, and a discriminator tag
-    (OpenAI's part types equal their field names) merged with the field it selects."""
-    out, previous = "", None
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part == "body" and not out:
-            continue
-        elif ("[" in part or part in _TYPE_LABELS or part[:1].isupper()
-              or part == previous):
-            pass
-        else:
-            out += f".{part}" if out else part
-        previous = part
-    return out or None

@@ -33,7 +33,7 @@ DEFAULT_MODEL = "builtin:synthcoco-llava"
 FALLBACK_MODEL = "tiny-random:llava"
 
 
-def add_bench(bench_subparsers: argparse._SubParsersAction) -> None:
+def add_bench(bench_subparsers: Any) -> None:
     """Register ``serve`` under ``veridical bench``."""
     parser = bench_subparsers.add_parser(
         "serve", help="server throughput: concurrent clients vs the same requests one at a time")

@@ -6,32 +6,54 @@ Accepted sources, in order of trust:
   the server was started with ``--allowed-media-dir DIR``. The path is resolved with every symlink
   followed and must stay inside ``DIR`` (``..`` and links that leave it are refused before the
   file's existence is revealed), and must be a regular file.
-- ``http(s)://`` only with ``--allow-remote-media``: fetched without following redirects, with a
-  timeout and the byte limit enforced while reading.
+- ``http(s)://`` only with ``--allow-remote-media``. The host is resolved once, every address it
+  resolves to must be public (not loopback, private, link-local, shared, multicast, reserved or
+  unspecified, also when written inside an IPv6 address: mapped, 6to4, Teredo, NAT64) unless
+  ``--allow-private-media-hosts``, and the connection goes to the address that was checked (the
+  ``Host`` header and TLS server name stay the URL's), so a second DNS answer cannot redirect it
+  (no DNS rebinding). Redirects are not followed; no proxy from the environment is used; the
+  byte limit is enforced while reading; ``remote_media_timeout_s`` bounds the whole fetch
+  (resolving, connecting, headers, body), not each read. Every failure (a refused address, a
+  name that does not resolve, a closed port, a timeout, a non-200 answer, a redirect) answers the
+  same 400, so callers cannot map hosts or ports through the server; only an image larger than
+  the limit answers 413.
 
-Limits: ``max_image_bytes`` on the encoded image and ``max_image_pixels`` on its header size,
-read before any pixel is decoded (a decompression bomb is refused without being expanded); both
-answer 413. Anything else wrong (bad base64, not an image, a truncated file, a refused source)
-answers 400 naming the message part and the fix.
+Decoding (:func:`decode_image`, CPU-bound: call it from a worker thread): only PNG, JPEG, WebP,
+GIF (its first frame) and BMP are opened; no other PIL plugin is ever tried (EPS, for one, runs
+Ghostscript). From the header alone, before any pixel is decoded or resized, the image must fit
+``max_image_bytes`` (encoded), ``max_image_pixels`` (as sent, and as the model's processor will
+resize it: :func:`processed_size`) and ``max_image_aspect_ratio``; each answers 413 naming the
+size and the limit. Anything else wrong (bad base64, not an image, a format not accepted, a
+truncated file) answers 400 naming the message part and the fix. No message quotes PIL's or any
+other library's own error text.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
+import ipaddress
+import logging
+import math
+import socket
 import stat
 import urllib.parse
-import warnings
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
-from veridical.errors import InputError
-from veridical.images import load_image
-
-from .errors import bad_request, too_large
+from .errors import ApiError, bad_request, too_large
 from .settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # the PIL plugins an image may be opened with
+REMOTE_FAILED = ("the image URL could not be fetched (it must be a public http(s) address that "
+                 "answers 200 with the image, without a redirect, in time); send the image as a "
+                 "data URL (data:image/png;base64,...) instead")
 
 
 async def fetch_image_bytes(url: str, settings: ServerSettings, param: str) -> bytes:
@@ -46,10 +68,10 @@ async def fetch_image_bytes(url: str, settings: ServerSettings, param: str) -> b
                 "remote image URLs are disabled on this server; send the image inline as a data "
                 "URL (data:image/png;base64,...), or start the server with --allow-remote-media",
                 param, "remote_media_disabled")
-        return await _remote(url, limit, settings.remote_media_timeout_s, param)
+        return await _remote(url, settings, param)
     if scheme in ("", "file"):
         return _local(url, settings, param)
-    raise bad_request(f"image URL scheme {scheme!r} is not supported; use a data URL "
+    raise bad_request(f"image URL scheme {scheme[:20]!r} is not supported; use a data URL "
                       "(data:image/png;base64,...)", param, "unsupported_media")
 
 
@@ -117,45 +139,156 @@ def _local(url: str, settings: ServerSettings, param: str) -> bytes:
     return raw
 
 
-async def _remote(url: str, limit: int, timeout: float, param: str) -> bytes:
+# Remote images ----------------------------------------------------------------------------------
+def is_public_address(address: str) -> bool:
+    """Whether ``address`` (an IPv4 or IPv6 literal) is a public unicast address: not loopback,
+    private, link-local, shared (100.64/10), multicast, reserved or unspecified, and no such
+    IPv4 address inside an IPv6 one (mapped, 6to4, Teredo, NAT64 64:ff9b::/96)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # a scope id (fe80::1%eth0) is dropped
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
+        if ip in _NAT64:
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if any(e is not None and not is_public_address(str(e)) for e in embedded):
+            return False
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_loopback
+                                 or ip.is_link_local or ip.is_private or ip.is_unspecified)
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class _Refused(Exception):
+    """The URL names a host this server must not reach (or cannot name one)."""
+
+
+async def _remote(url: str, settings: ServerSettings, param: str) -> bytes:
+    try:
+        return await asyncio.wait_for(_fetch(url, settings, param),
+                                      settings.remote_media_timeout_s)
+    except ApiError as error:
+        if error.status == 413:
+            raise
+        reason = error.message
+    except Exception as exc:  # every failure alike for the client (module docstring)
+        reason = type(exc).__name__
+    logger.warning("remote image %s not fetched: %s", url[:200], reason)
+    raise bad_request(REMOTE_FAILED, param, "remote_media_error") from None
+
+
+async def _fetch(url: str, settings: ServerSettings, param: str) -> bytes:
     import httpx
 
-    try:
-        async with httpx.AsyncClient(follow_redirects=False, timeout=timeout) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise bad_request(f"fetching the image URL gave HTTP {response.status_code}",
-                                      param, "remote_media_error")
-                chunks, total = [], 0
-                async for chunk in response.aiter_bytes():
-                    total += len(chunk)
-                    if total > limit:
-                        raise too_large(f"remote image is larger than the limit of {limit} bytes",
-                                        param)
-                    chunks.append(chunk)
-    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-        raise bad_request(f"fetching the image URL failed ({type(exc).__name__})", param,
-                          "remote_media_error") from None
+    target = httpx.URL(url)
+    host = target.host
+    if not host or target.scheme not in ("http", "https"):
+        raise _Refused("no host")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(info[4][0].split("%", 1)[0] for info in infos))
+    if not addresses:
+        raise _Refused("no address")
+    if not settings.allow_private_media_hosts and not all(map(is_public_address, addresses)):
+        raise _Refused(f"{host} resolves to a non-public address")
+    # Connect to the addresses checked above (in the resolver's order, the next one if a
+    # connection fails), never to a second DNS answer; the Host header and the TLS server name
+    # (the certificate check included) stay the URL's own.
+    headers = {"Host": target.netloc.decode("ascii")}
+    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                                 timeout=settings.remote_media_timeout_s) as client:
+        for address in addresses:
+            try:
+                async with client.stream("GET", target.copy_with(host=address), headers=headers,
+                                         extensions=extensions) as response:
+                    return await _body(response, settings.max_image_bytes, param)
+            except httpx.ConnectError:
+                continue
+    raise _Refused("no address accepted a connection")
+
+
+async def _body(response: Any, limit: int, param: str) -> bytes:
+    if response.status_code != 200:
+        raise _Refused(f"HTTP {response.status_code}")
+    chunks, total = [], 0
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > limit:
+            raise too_large(f"remote image is larger than the limit of {limit} bytes", param)
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
-def decode_image(raw: bytes, max_pixels: int, param: str) -> Image.Image:
-    """Decode ``raw`` to RGB, refusing more than ``max_pixels`` from the header (413) and
-    anything PIL cannot read (400). CPU-bound: call it from a worker thread."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as probe:
-                width, height = probe.size
-    except Exception:  # PIL raises many types for garbage; all mean "not an image"
-        raise bad_request("image data is not an image PIL can read (PNG, JPEG, ...)", param,
-                          "invalid_image") from None
-    if width * height > max_pixels:
-        raise too_large(f"image is {width}x{height} pixels, more than the limit of {max_pixels}; "
+# Decoding ---------------------------------------------------------------------------------------
+def decode_image(raw: bytes, settings: ServerSettings, param: str,
+                 image_processor: Any = None) -> Image.Image:
+    """Decode ``raw`` to RGB within the limits (module docstring); ``image_processor`` is the
+    model's, whose resize is computed (not run) to bound the size it would produce."""
+    limit = settings.max_image_pixels
+    try:  # reads the header only
+        image = Image.open(io.BytesIO(raw), formats=FORMATS)
+    except Image.DecompressionBombError:  # PIL's own bound (far above any sane limit)
+        raise too_large(f"image has more pixels than the limit of {limit}; resize it first",
+                        param) from None
+    except Exception:  # PIL raises many types for garbage; all mean "not an accepted image"
+        raise bad_request("image data is not an image in an accepted format (PNG, JPEG, WebP, "
+                          "GIF, BMP); convert it to PNG or JPEG", param, "invalid_image") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise bad_request(f"image is empty ({width}x{height} pixels)", param, "invalid_image")
+    if width * height > limit:
+        raise too_large(f"image is {width}x{height} pixels, more than the limit of {limit}; "
                         "resize it first", param)
+    ratio = max(width, height) / min(width, height)
+    if ratio > settings.max_image_aspect_ratio:
+        raise too_large(f"image is {width}x{height} pixels, an aspect ratio of {ratio:.4g}, more "
+                        f"than the limit of {settings.max_image_aspect_ratio:g}; crop or pad it "
+                        "closer to square", param)
+    new_width, new_height = processed_size(image_processor, width, height)
+    if new_width * new_height > limit:
+        raise too_large(f"the model's processor would resize this {width}x{height} image to "
+                        f"{new_width}x{new_height} pixels, more than the limit of {limit}; crop "
+                        "or pad it closer to square", param)
     try:
-        return load_image(raw, max_pixels=max_pixels)
-    except InputError as exc:
-        raise bad_request(str(exc), param, "invalid_image") from None
-    except Exception:
-        raise bad_request("image data could not be decoded", param, "invalid_image") from None
+        image.seek(0)  # GIF and WebP: the first frame
+        image.load()
+        return image.convert("RGB")
+    except Exception as exc:
+        logger.info("image not decoded (%s)", type(exc).__name__)
+        raise bad_request("image data could not be decoded; the file may be truncated or "
+                          "corrupt", param, "invalid_image") from None
+    finally:
+        image.close()
+
+
+def processed_size(image_processor: Any, width: int, height: int) -> tuple[int, int]:
+    """The (width, height) the model's image processor resizes a ``width`` x ``height`` image to,
+    computed from its settings without resizing anything (an upper bound where the rule is
+    approximate):
+
+    - Qwen-VL (a ``merge_size``): the pixel count is brought within ``size.shortest_edge`` and
+      ``size.longest_edge`` (its min and max pixels), keeping the aspect ratio;
+    - a ``size.shortest_edge`` (CLIP, LLaVA): the short side becomes it (for LLaVA-NeXT, which
+      resizes to one of its grid resolutions, an upper bound);
+    - a ``size.height`` and ``size.width``: that size;
+    - otherwise (no processor, or a rule not listed): the image's own size.
+    """
+    size = getattr(image_processor, "size", None)
+
+    def field(name: str) -> int | None:
+        value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+        return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+    if size is None:
+        return width, height
+    shortest, longest = field("shortest_edge"), field("longest_edge")
+    if hasattr(image_processor, "merge_size") and longest:
+        pixels = min(max(width * height, shortest or 0), longest)
+        scale = math.sqrt(pixels / (width * height))
+        return max(1, round(width * scale)), max(1, round(height * scale))
+    if shortest:
+        scale = shortest / min(width, height)
+        return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+    if field("height") and field("width"):
+        return field("width") or width, field("height") or height
+    return width, height

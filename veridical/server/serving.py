@@ -13,10 +13,13 @@ field and the limit, before any engine work):
   ``top_p``, ``seed`` (absent: a fresh one; the seed used is answered in the ``seed`` field of
   the response and of every stream chunk, so the request can be replayed), ``stop`` (up to 4
   strings; the answer ends at the earliest), ``max_completion_tokens``/``max_tokens``
-  (up to ``--max-tokens-limit``), ``n = 1``, ``logprobs`` with ``top_logprobs`` (0-20): the
-  log-probabilities of the scores each token was chosen from, i.e. after the mitigation and
-  before temperature and top-p (refused for search methods such as OPERA, which choose whole
-  sequences).
+  (up to ``--max-tokens-limit``; the prompt's tokens, image tokens included, at most
+  ``--max-prompt-tokens``, and prompt + max_tokens within the model's context, see ``prompt``;
+  without one, the default is cut to the room left), ``n = 1``, ``logprobs`` with
+  ``top_logprobs`` (0-20): the log-probabilities of the scores each token was chosen from, i.e.
+  after the mitigation and before temperature and top-p, tokens the scores rule out left out
+  (see ``streaming.logprob_entries``; refused for search methods such as OPERA, which choose
+  whole sequences).
 - ``mitigation``: ``{"method": M, ...params}`` validated against the registry (an unknown method
   or parameter is a 400 naming it and the allowed values); ``{"alpha": 2}`` without ``method``
   adjusts the start-up default; no ``mitigation`` uses the start-up default.
@@ -46,26 +49,29 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from veridical.decoding.engine import (
+from veridical import (
     MAX_TOP_LOGPROBS,
     DecodingConfig,
     GenerationResult,
+    Request,
+    TokenEvent,
     TokenLogprob,
+    VeridicalError,
+    cut_at_stop,
+    fresh_seed,
+    resolve,
 )
-from veridical.decoding.method import Request
-from veridical.decoding.registry import resolve
-from veridical.decoding.seeds import fresh_seed
-from veridical.decoding.stops import cut_at_stop
-from veridical.errors import VeridicalError
 
 from .batcher import Batcher, Job, QueueFull, ShuttingDown
-from .errors import ApiError, bad_request, shorten
+from .errors import ApiError, bad_request, clip, shorten
 from .media import decode_image, fetch_image_bytes
+from .prompt import ContextError, PromptCounter, SpecialTokens, check_context
 from .protocol import ChatCompletionRequest, ChatMessage, ImagePart, Mitigation
 from .settings import ServerSettings
 from .streaming import TextStream, logprob_entries
@@ -99,6 +105,8 @@ class EngineJob:
     on_token: Callable[[int, TokenLogprob | None], None] | None = None  # streaming
     cancelled: bool = False  # the client went away: the row leaves the batch
     sent: int = 0  # tokens already given to on_token (a batch retried alone skips them)
+    # Set by the engine thread while the job runs: ends its row (searches see it between steps)
+    cancel_row: Callable[[], None] | None = None
 
 
 class ClientGone(Exception):
@@ -114,6 +122,8 @@ class ChatServing:
         default = resolve(settings.default_method, settings.default_method_args)
         self.default_method = default.name
         self.default_args = dict(default.args)
+        self.special_tokens = SpecialTokens(engine.tokenizer)  # neutralised in client text
+        self.counter = PromptCounter(engine)  # prompt tokens, the context, the image processor
         self.preparing = 0  # requests being validated, about to be submitted
         self.batcher = Batcher(self.run_batch, max_batch_size=settings.max_batch_size,
                                max_queue_size=settings.max_queue_size,
@@ -135,13 +145,12 @@ class ChatServing:
                            param="model", code="model_not_found")
         _refuse_unsupported(req)
         system, text, image_part, image_param = self._conversation(req.messages)
+        system, text = self.special_tokens.neutralise(system), self.special_tokens.neutralise(text)
         limit = self.settings.max_tokens_limit
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(
-            self.settings.default_max_tokens, limit)
-        if max_tokens > limit:
+        asked = req.max_completion_tokens or req.max_tokens  # None: the default, cut to fit
+        if asked is not None and asked > limit:
             name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            raise bad_request(f"{name}={max_tokens} is above this server's limit of {limit}",
-                              name)
+            raise bad_request(f"{name}={asked} is above this server's limit of {limit}", name)
         stops = self._stops(req.stop)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
@@ -161,13 +170,42 @@ class ChatServing:
                 raise bad_request(f"model {self.settings.model_name!r} is text-only and takes no "
                                   "image; remove the image_url part", image_param)
             raw = await fetch_image_bytes(image_part.image_url.url, self.settings, image_param)
-            image = await asyncio.to_thread(decode_image, raw, self.settings.max_image_pixels,
-                                            image_param)
+            image = await asyncio.to_thread(decode_image, raw, self.settings, image_param,
+                                            self.counter.image_processor)
+        max_tokens = await self._fit_context(image, text, system, asked,
+                                             min(self.settings.default_max_tokens, limit))
         # Resolved here, not in the engine: a batch retried request by request replays it.
         seed = fresh_seed() if req.seed is None else req.seed
         job = EngineJob(Request(image=image, prompt=text, system=system), seed, max_tokens,
                         logprobs)
         return key, job, {"method": method, **args}
+
+    async def _fit_context(self, image: Any, text: str, system: str | None, asked: int | None,
+                           default: int) -> int:
+        """The request's max_tokens after counting its prompt (off the event loop): 400 when
+        the prompt is over ``--max-prompt-tokens`` (the prefill one request may ask for) or the
+        prompt and max_tokens do not fit the model's context (``prompt.check_context``)."""
+        try:
+            counted = await asyncio.to_thread(self.counter.count, image, text, system)
+        except Exception as exc:
+            logger.warning("the processor could not encode a request (%s: %s)",
+                           type(exc).__name__, exc)
+            raise bad_request("the model's processor could not encode this request; check the "
+                              "text and the image", "messages", "invalid_request") from None
+        if counted is None:  # a backend that cannot count: its own limits apply
+            return asked or default
+        tokens, image_tokens = counted
+        bound = self.settings.max_prompt_tokens
+        if tokens > bound:
+            of_image = f" ({image_tokens} of them for the image)" if image_tokens else ""
+            raise bad_request(f"the prompt has {tokens} tokens{of_image}, more than this "
+                              f"server's limit of {bound}; shorten the messages", "messages",
+                              "context_length_exceeded")
+        try:
+            return check_context(tokens, image_tokens, asked, default,
+                                 self.counter.context_length)
+        except ContextError as exc:
+            raise bad_request(str(exc), "messages", "context_length_exceeded") from None
 
     def _conversation(self, messages: list[ChatMessage]
                       ) -> tuple[str | None, str, ImagePart | None, str | None]:
@@ -223,10 +261,17 @@ class ChatServing:
             name, args = self.default_method, {**self.default_args, **mitigation.params()}
         else:
             name, args = mitigation.method, mitigation.params()
+        limit = self.settings.max_prompt_chars  # a text parameter (ICD's role) is prompt text
+        values = [*args.values(), *(v for d in args.values() if isinstance(d, dict)
+                                    for v in d.values())]
+        if any(isinstance(v, str) and len(v) > limit for v in values):
+            raise bad_request(f"mitigation: a text parameter is longer than this server's limit "
+                              f"of {limit} characters", "mitigation", "invalid_mitigation")
         try:
             method = resolve(name, args)
         except (ValueError, TypeError) as exc:
-            raise bad_request(f"mitigation: {exc}", "mitigation", "invalid_mitigation") from None
+            raise bad_request(f"mitigation: {clip(str(exc))}", "mitigation",
+                              "invalid_mitigation") from None
         return method.name, dict(method.args)
 
     # Engine thread ------------------------------------------------------------------------------
@@ -269,10 +314,30 @@ class ChatServing:
             counts.extend([0] * len(new))
             return [(j.request, j.seed) for j in new]
 
+        def running(first: int) -> None:
+            """Jobs from ``first`` on can be cancelled in the running stream from now on."""
+            for i in range(first, len(jobs)):
+                jobs[i].cancel_row = partial(stream.cancel, i)
+                if jobs[i].cancelled:  # gone before its row existed
+                    stream.cancel(i)
+
+        def join_running(n_live: int) -> list[tuple[Request, int | None]]:
+            first = len(jobs)
+            new = join(n_live)
+            running(first)
+            return new
+
         try:
-            self.engine.run([j.request for j in jobs], method, config, [j.seed for j in jobs],
-                            on_token=on_token, on_done=on_done,
-                            admit=join if joinable else None)
+            stream = self.engine.stream([j.request for j in jobs], method, config,
+                                        [j.seed for j in jobs],
+                                        admit=join_running if joinable else None)
+            running(0)
+            for event in stream:  # the engine's events, as Engine.run consumes them
+                if isinstance(event, TokenEvent):
+                    if not on_token(event.request, event.token_id, event.logprob):
+                        stream.cancel(event.request)
+                else:
+                    on_done(event.request, event.result)
         except Exception as exc:
             if len(jobs) == 1:
                 return [exc]
@@ -357,6 +422,8 @@ class ChatServing:
 
     def _cancel(self, job: Job) -> None:
         job.payload.cancelled = True  # a running batch drops the row at its next token
+        if job.payload.cancel_row is not None:  # and a search between two of its steps
+            job.payload.cancel_row()
         self.batcher.cancel(job)
 
     def _logprobs(self, entries: list[TokenLogprob] | None, payload: EngineJob
@@ -375,7 +442,7 @@ class ChatServing:
                                     "choices": choices, "seed": payload.seed}
             if include_usage:
                 body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
+            return f"data: {json.dumps(body, allow_nan=False)}\n\n"
 
         payload: EngineJob = job.payload
 
@@ -431,11 +498,24 @@ def _outcome(future: asyncio.Future) -> GenerationResult:
         return future.result()
     if isinstance(exc, ApiError):
         raise exc
-    if isinstance(exc, (VeridicalError, ValueError)):
+    if isinstance(exc, VeridicalError) or (isinstance(exc, ValueError) and _raised_here(exc)):
         raise bad_request(str(exc), code="invalid_request")
+    if isinstance(exc, ValueError):  # a library refused the input: its text names internals
+        logger.warning("generation refused the input", exc_info=exc)
+        raise bad_request("the model could not process this request; check the text and the "
+                          "image", code="invalid_request")
     logger.error("generation failed", exc_info=exc)
     raise ApiError(500, f"internal error during generation ({type(exc).__name__}); see the "
                         "server log", code="internal_error")
+
+
+def _raised_here(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by veridical's own code (its message is written for users),
+    not inside a library (whose message names internals)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("veridical")
 
 
 def _usage(result: GenerationResult) -> dict[str, Any]:

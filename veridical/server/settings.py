@@ -35,6 +35,10 @@ class ServerSettings(BaseModel):
         None, description="name clients pass as `model` (default: the --model reference)")
     device: str | None = Field(None, description="torch device (default: the loader's choice)")
     dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16")
+    profile_heads: str | None = Field(
+        None, description="build the model's head profile at start-up when it has none "
+                          "(for fia/var): a folder of images, a SynthCOCO world folder or "
+                          "builtin:synthcoco")
     host: str = Field("127.0.0.1", description="address to bind (loopback by default)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_key: str | None = Field(
@@ -56,12 +60,30 @@ class ServerSettings(BaseModel):
     allowed_media_dir: Path | None = Field(
         None, description="folder whose images requests may name by path (off by default)")
     allow_remote_media: bool = Field(False, description="fetch http(s) image URLs (off by default)")
-    remote_media_timeout_s: float = Field(10.0, gt=0, description="timeout of a remote image fetch")
+    allow_private_media_hosts: bool = Field(
+        False, description="let remote image URLs reach loopback, private, link-local and other "
+                           "non-public addresses (off by default: only public addresses)")
+    remote_media_timeout_s: float = Field(
+        10.0, gt=0, description="total time limit of one remote image fetch (resolving, "
+                                "connecting, headers and body)")
     max_image_bytes: int = Field(16 * MiB, ge=1, description="largest encoded image (413 above)")
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image, in pixels "
-                                                                 "(413 above)")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="largest image in pixels, as sent and as the model's "
+                                       "processor would resize it (413 above)")
+    max_image_aspect_ratio: float = Field(
+        20.0, ge=1, description="largest ratio of an image's long side to its short side (413 "
+                                "above)")
     max_request_bytes: int = Field(32 * MiB, ge=1024, description="largest request body (413 above)")
+    max_receiving_bytes: int = Field(
+        256 * MiB, ge=1024, description="request bodies being received at once, all clients "
+                                        "together, in bytes (429 above)")
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, description="time a client has to send its whole request body (408 after)")
     max_prompt_chars: int = Field(32_000, ge=1, description="longest system + user text (400 above)")
+    max_prompt_tokens: int = Field(
+        4096, ge=1, description="longest prompt in tokens, image tokens included: bounds the "
+                                "prefill of one request (400 above; the model's context bounds "
+                                "prompt + max_tokens too)")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     temperature: float = Field(1.0, ge=0, le=2, description="temperature when a request gives none "
@@ -116,7 +138,7 @@ def add_settings_args(parser: argparse.ArgumentParser,
 def settings_from_args(args: argparse.Namespace,
                        env: typing.Mapping[str, str] = os.environ) -> ServerSettings:
     """A validated ``ServerSettings`` from parsed flags (raises ``ValueError`` naming the flag)."""
-    from veridical.cli import parse_sets
+    from veridical import parse_method_sets as parse_sets
 
     values = {name: getattr(args, name) for name in ServerSettings.model_fields
               if name not in _SPECIAL and hasattr(args, name)}
