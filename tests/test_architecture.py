@@ -273,3 +273,23 @@ def test_a_method_of_each_axis_plugs_in_from_outside_the_package(images, prompts
         assert [r.token_ids for r in own] == [r.token_ids for r in base]
     # never listed outside the block (nor by production code that lists methods)
     assert not [m["name"] for m in veridical.methods() if m["name"].startswith("test_")]
+
+
+def test_our_engine_is_a_backend_and_the_server_and_runner_need_no_more():
+    import veridical
+    from conftest import tiny_engine
+
+    engine = tiny_engine("llava")
+    assert isinstance(engine, veridical.Backend)
+    members = {n for n in dir(veridical.Backend) if not n.startswith("_")}
+    members |= set(veridical.Backend.__annotations__)
+    used = set()
+    for module in ("veridical.server.serving", "veridical.server.prompt",
+                   "veridical.evals.runner"):
+        for node in ast.walk(ast.parse(MODULES[module].read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                    and node.value.attr == "engine") or (
+                    isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "engine"):
+                used.add(node.attr)
+    assert used - members <= {"context"}, used - members  # context(): optional token counting

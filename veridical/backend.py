@@ -4,7 +4,7 @@ Our own :class:`~veridical.decoding.engine.Engine` is one backend; another (e.g.
 plugs in by offering the same interface, without changes to the server or the runner:
 
 - ``name``; ``tokenizer`` (``decode`` for streamed text); ``eos_ids``; ``multimodal`` (whether it
-  takes images);
+  takes images); ``device`` (recorded with evaluation results);
 - ``generate(images, prompts, method=..., ...)``: the batched call of the API;
 - ``request(image, prompt, index)``: a checked :class:`~veridical.decoding.method.Request`;
 - ``stream(requests, method, config, seeds, admit=None)``: an iterator of token and done events
@@ -38,6 +38,9 @@ class Backend(Protocol):
 
     @property
     def multimodal(self) -> bool: ...
+
+    @property
+    def device(self) -> Any: ...
 
     def generate(self, images: Any, prompts: str | Sequence[str], method: str | Method = "none",
                  method_args: dict[str, Any] | None = None, **decoding: Any

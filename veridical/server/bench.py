@@ -177,9 +177,8 @@ def engine_batching_gain(engine: Any, images: list, prompts: list[str], slots: i
     """Requests/s of ``Engine.run`` alone: one request at a time, and batches of ``slots`` rows
     that waiting requests join as rows leave (module docstring; a method that takes no
     newcomers runs them ``slots`` at a time); best of ``repeats``, alternating."""
+    from veridical import DecodingConfig, resolve
     from veridical.bench import time_alternating
-    from veridical.decoding.engine import DecodingConfig
-    from veridical.decoding.registry import resolve
 
     requests = [engine.request(image, prompt, i)
                 for i, (image, prompt) in enumerate(zip(images, prompts))]

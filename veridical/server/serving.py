@@ -166,7 +166,7 @@ class ChatServing:
                        float(req.top_p or 1.0) if do_sample else 1.0, stops, logprobs is not None)
         image = None
         if image_part is not None:
-            if not getattr(self.engine.adapter, "multimodal", True):
+            if not self.engine.multimodal:
                 raise bad_request(f"model {self.settings.model_name!r} is text-only and takes no "
                                   "image; remove the image_url part", image_param)
             raw = await fetch_image_bytes(image_part.image_url.url, self.settings, image_param)
