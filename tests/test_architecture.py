@@ -276,8 +276,9 @@ def test_a_method_of_each_axis_plugs_in_from_outside_the_package(images, prompts
 
 
 def test_our_engine_is_a_backend_and_the_server_and_runner_need_no_more():
-    import veridical
     from conftest import tiny_engine
+
+    import veridical
 
     engine = tiny_engine("llava")
     assert isinstance(engine, veridical.Backend)

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import tiny_engine
+from tests.conftest import serve_subprocess, tiny_engine
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -997,34 +997,11 @@ def test_bench_serve_reports_both_sides():
 @pytest.mark.slow
 def test_serve_command_runs_and_stops_on_sigterm(tmp_path):
     import signal
-    import socket
-    import subprocess
-    import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "veridical.server", "--model", MODEL,
-                             "--port", str(port), "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+    with serve_subprocess("--model", MODEL, "--log-level", "warning") as (proc, url):
         assert _send(url, body(max_tokens=2)).status_code == 200
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal it captured
         assert proc.wait(60) in (0, -signal.SIGTERM)
         output = proc.stdout.read().decode() if proc.stdout else ""
         assert "Traceback" not in output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)

@@ -34,8 +34,6 @@ import math
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -50,7 +48,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import tiny_engine
+from tests.conftest import serve_subprocess, tiny_engine
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -946,24 +944,8 @@ def test_load_with_stalled_uploads_and_bad_requests_beside_good_clients():
 
 @pytest.mark.slow
 def test_serve_command_exits_promptly_on_sigterm_with_a_stalled_upload():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "veridical.server", "--model", MODEL,
-                             "--port", str(port), "--log-level", "warning", "--api-key", KEY,
-                             "--request-body-timeout-s", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+    with serve_subprocess("--model", MODEL, "--log-level", "warning", "--api-key", KEY,
+                          "--request-body-timeout-s", "60") as (proc, url):
         stalled = stalled_upload(url)
         assert_serves(url)
         started = time.monotonic()
@@ -971,10 +953,6 @@ def test_serve_command_exits_promptly_on_sigterm_with_a_stalled_upload():
         assert proc.wait(30) in (0, -signal.SIGTERM)
         assert time.monotonic() - started < 10
         assert response_of(stalled)[0] == 503
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 # 8. Cancelling reaches OPERA ---------------------------------------------------------------------
