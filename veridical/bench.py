@@ -20,6 +20,7 @@ whole-call and first-token times are each contender's best.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from functools import partial
@@ -34,6 +35,8 @@ from .decoding.config import DecodingConfig
 from .decoding.inputs import collate, encode
 from .decoding.registry import resolve
 from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 PROMPTS = (
     "describe this image in detail .",
@@ -152,12 +155,17 @@ def method_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def applicable_methods(engine) -> list[str]:
-    """Registered methods this model can run (``scmoe`` needs MoE routers; tests' excluded)."""
+    """Registered methods this model can run at their defaults: ``scmoe`` needs MoE routers,
+    ``var`` (``sink_dims=auto``) the model's head profile (``veridical heads profile``)."""
     from .decoding.registry import registered
 
     names = list(registered())
     if not engine.adapter.routers(engine.model):
         names = [n for n in names if n != "scmoe"]
+    if engine.head_profile is None:
+        logger.warning("%s has no head profile: var is left out (run veridical heads profile "
+                       "--model %s to include it)", engine.name, engine.name)
+        names = [n for n in names if n != "var"]
     return names
 
 
