@@ -8,7 +8,8 @@ rows, afterwards it feeds them the token ``generate`` chose for each row, and it
 method's combination of ``generate``'s scores with the branch logits. Forward hooks a method
 needs (SCMoE's weak routing) are installed only around the processor's own forward.
 
-For greedy decoding it gives the same tokens as ``Engine.generate`` (tested). Limits:
+For greedy decoding it gives the same tokens as ``Engine.generate`` with the same seeds
+(tested). Limits:
 - greedy and sampling only: beam search reorders ``generate``'s cache every step, which the
   processor cannot follow (it raises when the row count is not the request count);
 - put it first in the processor list: it expects raw logits (warpers such as temperature
