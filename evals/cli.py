@@ -36,7 +36,9 @@ def add_subcommands(subparsers: Any) -> None:
         p.add_argument("--split", default=None,
                        help="POPE: random,popular,adversarial; MME: subtasks (default: all)")
         p.add_argument("--world-split", default="test", help="split of a SynthCOCO world")
-        p.add_argument("--limit", type=int, default=None, help="first N items only")
+        p.add_argument("--limit", type=int, default=None,
+                       help="the first N items of each POPE split or MME subtask (CHAIR: of "
+                            "all); default: every item")
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--device", default=None)
         p.add_argument("--skip-bad-lines", action="store_true",

@@ -86,7 +86,7 @@ class EvalConfig:
     images: str | None = None
     split: str | None = None
     world_split: str = "test"
-    limit: int | None = None
+    limit: int | None = None  # items per split (POPE) / subtask (MME) / in all (CHAIR)
     batch_size: int = 8
     device: str | None = None
     skip_bad_lines: bool = False
@@ -370,7 +370,7 @@ def evaluate(engine: Any, args: EvalConfig, quiet: bool = False) -> dict[str, An
     import veridical
 
     bench = BENCHMARKS[args.benchmark](args)
-    items = bench.items[: args.limit] if args.limit else bench.items
+    items = limit_items(bench.items, args.limit)
     if not items:
         raise InputError(f"no {bench.name} items to run in {args.data}")
     if len({it.id for it in items}) != len(items):
@@ -430,6 +430,26 @@ def evaluate(engine: Any, args: EvalConfig, quiet: bool = False) -> dict[str, An
     if not quiet:
         print(markdown_table([(out.name, results)]))
     return results
+
+
+def limit_items(items: list[Item], limit: int | None) -> list[Item]:
+    """The first ``limit`` items of each split (POPE) or subtask (MME), in order; CHAIR has one
+    group. MME keeps an image's two questions together (its accuracy+ needs both), so a subtask
+    may get one more than ``limit``. None: every item."""
+    if limit is None:
+        return items
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InputError(f"--limit {limit!r} must be a positive integer (items per split or "
+                         "subtask); leave it out to run every item")
+    taken: dict[str, list[Item]] = {}
+    for it in items:
+        group = taken.setdefault(str(it.meta.get("split", it.meta.get("subtask", ""))), [])
+        same_image = "subtask" in it.meta and group and \
+            group[-1].meta.get("image") == it.meta.get("image")
+        if len(group) < limit or same_image:
+            group.append(it)
+    kept = {id(it) for group in taken.values() for it in group}
+    return [it for it in items if id(it) in kept]
 
 
 def _check_images(items: list[Item], skip: bool) -> tuple[list[Item], dict[str, Any]]:

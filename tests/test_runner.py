@@ -182,3 +182,22 @@ def test_two_processes_merge_to_the_single_process_result(world, tmp_path):
     assert results(multi)["metrics"] == results(single)["metrics"]
     assert results(multi)["run"]["processes"] == 2
     assert not list(multi.glob("samples.rank*"))
+
+
+def test_limit_is_per_split_or_subtask_and_zero_is_refused(world, tmp_path, capsys):
+    out = tmp_path / "pope"
+    assert run_eval(*POPE, "--data", str(world), "--limit", "3", "--output", str(out)) == 0
+    splits = [s["meta"]["split"] for s in samples(out)]
+    assert sorted(splits) == sorted(["random"] * 3 + ["popular"] * 3 + ["adversarial"] * 3)
+    assert set(results(out)["metrics"]["per_split"]) == {"random", "popular", "adversarial"}
+    mme_out = tmp_path / "mme"
+    assert run_eval("mme", "--model", "tiny-random:llava", "--data", str(world), "--limit", "1",
+                    "--max-new-tokens", "2", "--output", str(mme_out)) == 0
+    by_task: dict[str, list] = {}
+    for s in samples(mme_out):
+        by_task.setdefault(s["meta"]["subtask"], []).append(s["meta"]["image"])
+    assert len(by_task) > 1  # every subtask scored, not only the first
+    assert all(len(images) == 2 and len(set(images)) == 1 for images in by_task.values())
+    assert run_eval(*POPE, "--data", str(world), "--limit", "0", "--output",
+                    str(tmp_path / "zero")) == 2
+    assert "--limit 0 must be a positive integer" in capsys.readouterr().err
