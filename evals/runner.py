@@ -468,6 +468,15 @@ def _check_images(items: list[Item], skip: bool) -> tuple[list[Item], dict[str, 
         "missing_images": len(missing), "first": [it.id for it in missing[:10]]}
 
 
+def progress_label(bench: Benchmark, kwargs: dict[str, Any]) -> str:
+    """``pope adversarial vcd``, ``chair none beams=5``: what a progress bar is running."""
+    splits = bench.data.get("splits") or []
+    parts = [bench.name, *([",".join(splits)] if 0 < len(splits) < 3 else []), kwargs["method"]]
+    if kwargs.get("num_beams", 1) > 1:
+        parts.append(f"beams={kwargs['num_beams']}")
+    return " ".join(parts)
+
+
 def _generate_all(engine, bench: Benchmark, items: list[Item], kwargs: dict[str, Any],
                   seed: int, batch_size: int, log: SampleLog, show: bool, total: int) -> None:
     """Generate ``items`` in batches, each with its own seed (from the run ``seed`` and its
@@ -476,7 +485,7 @@ def _generate_all(engine, bench: Benchmark, items: list[Item], kwargs: dict[str,
 
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size} must be >= 1")
-    bar = tqdm(total=total, initial=total - len(items), desc=f"{bench.name} {kwargs['method']}",
+    bar = tqdm(total=total, initial=total - len(items), desc=progress_label(bench, kwargs),
                unit="item", disable=not show, dynamic_ncols=True)
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]

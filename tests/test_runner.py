@@ -201,3 +201,16 @@ def test_limit_is_per_split_or_subtask_and_zero_is_refused(world, tmp_path, caps
     assert run_eval(*POPE, "--data", str(world), "--limit", "0", "--output",
                     str(tmp_path / "zero")) == 2
     assert "--limit 0 must be a positive integer" in capsys.readouterr().err
+
+
+def test_progress_bars_name_the_split_and_the_beams():
+    from types import SimpleNamespace
+
+    from veridical.evals.runner import progress_label
+
+    pope_one = SimpleNamespace(name="pope", data={"splits": ["adversarial"]})
+    assert progress_label(pope_one, {"method": "vcd"}) == "pope adversarial vcd"
+    chair = SimpleNamespace(name="chair", data={})
+    assert progress_label(chair, {"method": "none", "num_beams": 5}) == "chair none beams=5"
+    pope_all = SimpleNamespace(name="pope", data={"splits": ["random", "popular", "adversarial"]})
+    assert progress_label(pope_all, {"method": "none"}) == "pope none"

@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: every method on the built-in model")
     demo.add_argument("--model", default=None, help="default: the built-in model")
-    demo.add_argument("--output", default="runs/demo", help="results folder (rerun to resume)")
+    demo.add_argument("--output", default="runs/demo",
+                      help="results folder (rerun to resume; default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a few items only (for CI)")
     demo.add_argument("--methods", default=None, help="comma list (default: all applicable)")
     demo.add_argument("--pope-questions", type=int, default=300, help="per POPE split")
@@ -266,7 +267,8 @@ def run_command(args: argparse.Namespace, verbose: bool = False) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted: rerun the same command to resume (finished items are kept)",
+              file=sys.stderr)
         return 130
 
 

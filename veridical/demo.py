@@ -145,4 +145,6 @@ def run_demo(model: str | None = None, output: str = "runs/demo", quick: bool = 
     (Path(output) / "demo.json").write_text(
         json.dumps({"model": ref, "pope_questions": pope_questions,
                     "chair_images": chair_images, "rows": rows, "intervals": ci}, indent=2))
+    console.print(f"results: {Path(output).resolve()} (one folder per method and benchmark; "
+                  "demo.json holds this table)")
     return rows

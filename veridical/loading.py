@@ -126,10 +126,17 @@ def _load_pretrained(ref: str, device: str | None, dtype: torch.dtype | None, en
     if device == "auto":
         kwargs["device_map"] = "auto"
     auto = AutoModelForImageTextToText if adapter.multimodal else AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on every command
     try:
         model = auto.from_pretrained(ref, **kwargs)
     except ValueError as exc:
         raise UnsupportedModelError(f"cannot load {ref!r} with {auto.__name__}: {exc}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if device not in (None, "auto"):
         model = model.to(device)
     if adapter.multimodal and local.is_dir():
