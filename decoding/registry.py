@@ -98,7 +98,7 @@ def _split_args(names: list[str], args: Mapping[str, Any]) -> dict[str, dict[str
             if len(owners) > 1:
                 raise ValueError(
                     f"parameter {key!r} belongs to several methods ({', '.join(owners)}); "
-                    f"write it as {owners[0]}.{key}"
+                    f"qualify it: {' or '.join(f'{o}.{key}' for o in owners)}"
                 )
             if not owners:
                 if len(names) == 1:  # let the method itself name the problem

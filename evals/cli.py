@@ -58,6 +58,9 @@ def add_subcommands(subparsers: Any) -> None:
             p.add_argument("--prompt", default=None, help=f"default {CHAIR_PROMPT!r}")
             p.add_argument("--drop-incomplete-sentence", action="store_true")
             p.add_argument("--no-double-space-quirk", action="store_true")
+            p.add_argument("--singularizer", default="pattern",
+                           help="singular forms: pattern (default, the reference's), "
+                                "wordnet-noun (OPERA's), inflect")
         p.set_defaults(func=lambda a: evaluate(None, config_from_args(a)) is not None and 0)
     cmp_ = sub.add_parser("compare", help="one table across result folders, and a bar chart")
     cmp_.add_argument("dirs", nargs="+")

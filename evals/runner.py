@@ -107,6 +107,7 @@ class EvalConfig:
     prompt: str | None = None
     drop_incomplete_sentence: bool = False
     no_double_space_quirk: bool = False
+    singularizer: str = "pattern"  # CHAIR's singular forms (evals/chair.py)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -227,13 +228,16 @@ def chair_benchmark(args: EvalConfig) -> Benchmark:
     ids = chair.select_image_ids(names, args.num_images or min(500, len(names)), args.image_seed,
                                  wanted)
     vocab = chair.load_vocabulary(double_space_quirk=not args.no_double_space_quirk)
+    chair.get_singularizer(args.singularizer)  # an unknown name fails before any generation
     prompt = args.prompt or CHAIR_PROMPT
     items = [Item(str(i), _image_file(images_dir, names[i]), prompt, {"image_id": i}) for i in ids]
 
     def score(samples: list[dict]) -> dict[str, Any]:
-        gt, _ = chair.load_ground_truth(annotations, ids, vocab=vocab, splits=splits)
+        gt, _ = chair.load_ground_truth(annotations, ids, vocab=vocab, splits=splits,
+                                        singularizer=args.singularizer)
         caps = [{"image_id": s["meta"]["image_id"], "caption": s["output"]} for s in samples]
-        result = chair.score(caps, gt, vocab=vocab, drop_incomplete=args.drop_incomplete_sentence)
+        result = chair.score(caps, gt, vocab=vocab, drop_incomplete=args.drop_incomplete_sentence,
+                             singularizer=args.singularizer)
         m = result["metrics"]
         return {"chair_s": m["chair_s"], "chair_i": m["chair_i"], "recall": m["recall"],
                 "length": m["length"], "per_caption": result["captions"],
@@ -244,7 +248,10 @@ def chair_benchmark(args: EvalConfig) -> Benchmark:
                      {"files": files, "images": str(images_dir), "image_ids": ids,
                       "image_seed": args.image_seed, "prompt": prompt,
                       "drop_incomplete_sentence": args.drop_incomplete_sentence,
-                      "double_space_quirk": not args.no_double_space_quirk},
+                      "double_space_quirk": not args.no_double_space_quirk,
+                      # recorded when not the default (earlier runs' records stay as they were)
+                      **({"singularizer": args.singularizer}
+                         if args.singularizer != "pattern" else {})},
                      max_new_tokens=args.max_new_tokens or 64)
 
 

@@ -214,3 +214,22 @@ def test_progress_bars_name_the_split_and_the_beams():
     assert progress_label(chair, {"method": "none", "num_beams": 5}) == "chair none beams=5"
     pope_all = SimpleNamespace(name="pope", data={"splits": ["random", "popular", "adversarial"]})
     assert progress_label(pope_all, {"method": "none"}) == "pope none"
+
+
+def test_eval_chair_takes_the_singularizer(world, tmp_path, capsys):
+    base = ["chair", "--model", "tiny-random:llava", "--data", str(world), "--num-images", "3",
+            "--max-new-tokens", "6"]
+    out = tmp_path / "wn"
+    assert run_eval(*base, "--singularizer", "wordnet-noun", "--output", str(out)) == 0
+    res = results(out)
+    assert res["metrics"]["settings"]["singularizer"] == "wordnet-noun"
+    assert res["run"]["data"]["singularizer"] == "wordnet-noun"
+    assert run_eval(*base, "--singularizer", "plural", "--output", str(tmp_path / "x")) == 2
+    assert "unknown CHAIR singularizer 'plural'" in capsys.readouterr().err
+
+
+def test_an_ambiguous_parameter_names_every_qualified_form():
+    from veridical.decoding.registry import resolve
+
+    with pytest.raises(ValueError, match=r"qualify it: vhr\.alpha or vcd\.alpha"):
+        resolve("vhr+vcd", {"alpha": -2})
