@@ -2,7 +2,8 @@
 
 - ``head_norms`` and ``vhd``: VHR's per-head output norms and vision-aware head divergence;
 - ``rms_abs`` and ``effective_tau``: VAR's sink test ``|h / rms(h)| > tau`` (weightless
-  RMSNorm), with ``tau`` scaled to the model's width (20 is VAR's value for 4096-wide models).
+  RMSNorm), with ``tau`` scaled to the model's width (20 is VAR's value for 4096-wide models);
+- ``head_scores`` and ``sink_dims``: what FIA and VAR read from a head profile (its JSON dict).
 
 ``veridical.heads.scores`` re-exports them beside the profiler's own scores.
 """
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -61,3 +63,20 @@ def effective_tau(tau: float, hidden_size: int) -> float:
     if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
         raise ValueError(f"hidden_size={hidden_size!r} must be a positive integer")
     return float(tau) * min(1.0, math.sqrt(hidden_size / VAR_REFERENCE_WIDTH))
+
+
+def head_scores(profile: dict[str, Any], name: str) -> torch.Tensor:
+    """One per-head score of ``profile`` as an ``(L, H)`` float32 tensor."""
+    scores = profile.get("scores", {}) if isinstance(profile, dict) else {}
+    if name not in scores:
+        raise ValueError(f"score {name!r} is not in the profile; available: "
+                         f"{', '.join(scores) or 'none'}")
+    return torch.tensor(scores[name], dtype=torch.float32)
+
+
+def sink_dims(profile: dict[str, Any]) -> list[int]:
+    """The massive-activation (sink) dimensions of ``profile``, ascending."""
+    try:
+        return [int(d) for d in profile["sinks"]["dims"]]
+    except (KeyError, TypeError):
+        raise ValueError("profile has no sinks.dims; profile the model again") from None

@@ -39,7 +39,6 @@ from .profile import (
     default_cache_dir,
     ensure_profile,
     find_profile,
-    head_scores,
     load_or_profile,
     load_profile,
     model_fingerprint,
@@ -47,8 +46,8 @@ from .profile import (
     profile_model,
     save_model_profile,
     save_profile,
-    sink_dims,
 )
+from .scores import head_scores, sink_dims
 
 __all__ = [
     "DEFAULT_DATA",

@@ -50,7 +50,8 @@ Contract:
 - :func:`model_fingerprint` is the sha256 of the config (paths, versions and private fields
   dropped), every parameter's name, shape and dtype, and the bytes of every tensor (models up to
   ``FULL_HASH_LIMIT`` elements) or of the first and last tensors (larger models).
-- Methods read profiles with :func:`head_scores` (an ``(L, H)`` tensor) and :func:`sink_dims`.
+- Methods read profiles with ``head_scores`` (an ``(L, H)`` tensor) and ``sink_dims``
+  (``veridical.decoding.headmath``, re-exported by this package).
 """
 
 from __future__ import annotations
@@ -611,20 +612,3 @@ def ensure_profile(
     save_model_profile(profile, cache_dir)
     engine.head_profile = profile
     return profile
-
-
-def head_scores(profile: dict[str, Any], name: str) -> torch.Tensor:
-    """One per-head score of ``profile`` as an ``(L, H)`` float32 tensor."""
-    scores = profile.get("scores", {}) if isinstance(profile, dict) else {}
-    if name not in scores:
-        raise ValueError(f"score {name!r} is not in the profile; available: "
-                         f"{', '.join(scores) or 'none'}")
-    return torch.tensor(scores[name], dtype=torch.float32)
-
-
-def sink_dims(profile: dict[str, Any]) -> list[int]:
-    """The massive-activation (sink) dimensions of ``profile``, ascending."""
-    try:
-        return [int(d) for d in profile["sinks"]["dims"]]
-    except (KeyError, TypeError):
-        raise ValueError("profile has no sinks.dims; profile the model again") from None

@@ -55,7 +55,9 @@ from veridical.decoding.headmath import (  # noqa: F401 (re-exported)
     check_same_shape,
     effective_tau,
     head_norms,
+    head_scores,
     rms_abs,
+    sink_dims,
     vhd,
 )
 

@@ -39,6 +39,7 @@ import weakref
 import torch
 
 from ..attention import AttentionEdit, last_row_mask
+from ..headmath import head_scores
 from ..method import Param
 from ..registry import register
 from .pai import PAI, boost_logits
@@ -209,8 +210,7 @@ class FIA(PAI):
                       "uses uniform modulation (every head 1); run `veridical heads profile "
                       "--model REF --data DIR` to profile it", engine.name)
             return torch.ones(n_layers, heads)
-        scores = engine.head_profile["scores"]["visual_sensitivity"]  # L x H (veridical.heads)
-        return head_modulation(torch.tensor(scores, dtype=torch.float32))
+        return head_modulation(head_scores(engine.head_profile, "visual_sensitivity"))
 
 
 def head_modulation(sensitivity: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ from veridical.kernels import cpu
 from veridical.kernels.reference import VAR_EPS
 
 from ..attention import AttentionEdit, current_plan, row_logits
-from ..headmath import RMS_EPS, effective_tau, rms_abs
+from ..headmath import RMS_EPS, effective_tau, rms_abs, sink_dims
 from ..method import Method, Param
 from ..registry import register
 
@@ -280,7 +280,7 @@ class VAR(Method):
                     "method 'var': no head profile for this model, so its sink dims are unknown; "
                     "run `veridical heads profile --model REF --data DIR` (or pass "
                     "sink_dims=... / sink_dims=none)")
-            return [int(d) for d in engine.head_profile["sinks"]["dims"]]  # (veridical.heads)
+            return sink_dims(engine.head_profile)
         try:
             dims = [int(d) for d in spec.split(",") if d.strip()]
         except ValueError:
