@@ -29,12 +29,11 @@ from .profile import (
     DEFAULT_LIMIT,
     DEFAULT_PROMPT,
     HEAD_SCORES,
-    head_scores,
     load_or_profile,
     save_model_profile,
     save_profile,
 )
-from .scores import VAR_TAU
+from .scores import VAR_TAU, head_scores
 
 _TITLES = {
     "vhd": "VHD ||A(v,x) - A(x)|| (VHR)",
@@ -104,23 +103,14 @@ def summary(profile: dict[str, Any], top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def calibration_data(data: str, world_split: str = "test") -> str:
-    """``data`` with ``builtin:synthcoco`` replaced by the built-in world's folder (generated
-    into the cache on first use)."""
-    if data == DEFAULT_DATA:
-        from veridical.world import builtin_world
-
-        return str(builtin_world(world_split))
-    return data
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
     import veridical
+    from veridical.world import resolve_data
 
     engine = veridical.load(args.model, device=args.device, dtype=args.dtype)
     profile = load_or_profile(
-        engine, calibration_data(args.data, args.world_split), args.cache_dir, limit=args.limit, prompt=args.prompt,
-        world_split=args.world_split, refresh=args.refresh, progress=True,
+        engine, resolve_data(args.data, args.world_split), args.cache_dir, limit=args.limit,
+        prompt=args.prompt, world_split=args.world_split, refresh=args.refresh, progress=True,
         counterfactual=args.counterfactual, tau=args.tau, seed=args.seed,
     )
     out = Path(args.out)

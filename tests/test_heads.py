@@ -335,21 +335,23 @@ def test_ensure_profile_builds_once_and_a_later_load_finds_it(tmp_path, monkeypa
 
 
 def test_builtin_calibration_data_is_resolved_by_the_command_line(tmp_path, monkeypatch):
-    import veridical.world
-    from veridical.heads.cli import calibration_data
+    import veridical.world.generate
+    from veridical.world import resolve_data
 
     folder = tmp_path / "world"
     (folder / "images" / "val").mkdir(parents=True)
     (folder / "manifest.json").write_text("{}")
     for i in range(3):
         _image(i).save(folder / "images" / "val" / f"synthcoco_val_{i}.png")
-    monkeypatch.setattr(veridical.world, "builtin_world", lambda split: folder)
-    data = calibration_data("builtin:synthcoco", "val")
+    monkeypatch.setattr(veridical.world.generate, "builtin_world", lambda split: folder)
+    data = resolve_data("builtin:synthcoco", "val")
     images, source = calibration_images(data, limit=2, world_split="val")
     assert [p.name for p in images] == ["synthcoco_val_0.png", "synthcoco_val_1.png"]
     assert source == str(folder / "images" / "val")
     with pytest.raises(ValueError, match="is a name, not a folder"):
         calibration_images("builtin:synthcoco")
+    with pytest.raises(InputError, match="unknown built-in data 'builtin:coco'"):
+        resolve_data("builtin:coco")
 
 
 def test_heads_never_import_evals():

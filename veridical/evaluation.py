@@ -11,25 +11,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from veridical.errors import InputError
 from veridical.evals.runner import EvalConfig
 from veridical.evals.runner import evaluate as run_evaluation
-
-BUILTIN_DATA = "builtin:synthcoco"
-
-
-def resolve_builtin(config: EvalConfig) -> EvalConfig:
-    """``config`` with ``builtin:synthcoco`` replaced by the built-in world's folder."""
-    if config.data == BUILTIN_DATA:
-        from veridical.world import builtin_world
-
-        return replace(config, data=str(builtin_world(config.world_split)))
-    if config.data.startswith("builtin:"):
-        raise InputError(f"unknown built-in data {config.data!r}; the built-in data set is "
-                         f"{BUILTIN_DATA}")
-    return config
+from veridical.world import resolve_data
 
 
 def evaluate(engine: Any, config: EvalConfig, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) ``config`` on ``engine`` (None: load ``config.model``); the results."""
-    return run_evaluation(engine, resolve_builtin(config), quiet)
+    data = resolve_data(config.data, config.world_split)
+    return run_evaluation(engine, replace(config, data=data), quiet)

@@ -23,6 +23,7 @@ from .generate import (
     add_subcommands,
     builtin_world,
     generate_world,
+    resolve_data,
 )
 from .render import render_layout
 from .world import World, WorldConfig, build_world, sample_layout
@@ -39,5 +40,6 @@ __all__ = [
     "builtin_world",
     "generate_world",
     "render_layout",
+    "resolve_data",
     "sample_layout",
 ]

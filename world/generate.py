@@ -80,6 +80,7 @@ __all__ = [
     "cooccurrence_stats",
     "split_key",
     "BUILTIN_DATA",
+    "resolve_data",
     "builtin_world",
     "add_subcommands",
 ]
@@ -497,6 +498,18 @@ def builtin_world(split: str = "test") -> Path:
                        progress=True)
         tmp.rename(folder)  # atomic: a half-written world is never used
     return folder
+
+
+def resolve_data(data: str, split: str = "test") -> str:
+    """``data`` with ``BUILTIN_DATA`` replaced by :func:`builtin_world`'s folder (what the
+    evaluation, the head profiler and the server take); another ``builtin:`` name is an
+    InputError; anything else comes back as given."""
+    if data == BUILTIN_DATA:
+        return str(builtin_world(split))
+    if data.startswith("builtin:"):
+        raise InputError(f"unknown built-in data {data!r}; the built-in data set is "
+                         f"{BUILTIN_DATA}")
+    return data
 
 
 # ---------------------------------------------------------------- CLI

@@ -66,11 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = veridical.load(settings.model, device=settings.device, dtype=settings.dtype)
     if settings.profile_heads and engine.head_profile is None:
         from veridical.heads import ensure_profile
-        from veridical.heads.cli import calibration_data
+        from veridical.world import resolve_data
 
         logger.info("profiling %s's heads on %s (once; cached for later starts)",
                     settings.model, settings.profile_heads)
-        ensure_profile(engine, calibration_data(settings.profile_heads))
+        ensure_profile(engine, resolve_data(settings.profile_heads))
     app = create_app(engine, settings)
 
     class Server(uvicorn.Server):
