@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 from veridical.errors import InputError
 
+from .config import is_int
+
 SEED_BITS = 63  # seeds are non-negative and fit torch.Generator.manual_seed and an int64
 
 
@@ -54,13 +56,9 @@ def request_seeds(seed: int | Sequence[int | None] | None, n: int) -> list[int]:
     if seed is None:
         return [fresh_seed() for _ in range(n)]
     if isinstance(seed, (list, tuple)):
-        if len(seed) != n or not all(s is None or _is_int(s) for s in seed):
+        if len(seed) != n or not all(s is None or is_int(s) for s in seed):
             raise InputError(f"seed must be one integer or {n} integers (one per request)")
         return [fresh_seed() if s is None else s for s in seed]
-    if not _is_int(seed):
+    if not is_int(seed):
         raise InputError(f"seed={seed!r} must be an integer")
     return [seed] * n
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

@@ -41,7 +41,7 @@ class BranchLogitsProcessor(LogitsProcessor):
     """See the module docstring."""
 
     def __init__(self, engine: Engine, method, requests: list[Request], seeds: list[int | None]):
-        self.engine, self.method = engine, method
+        self.ctx, self.method = engine.context(), method  # what the method's hooks see
         self.branches = method.branches()
         self.n = len(requests)
         self.step = 0
@@ -52,7 +52,7 @@ class BranchLogitsProcessor(LogitsProcessor):
             self.rows = BatchState(engine.model, batch, engine.cache_kw, info)
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        handles = self.method.install(self.engine.context(), self.rows.info)
+        handles = self.method.install(self.ctx, self.rows.info)
         try:
             if self.step == 0:
                 return self.rows.prefill()
