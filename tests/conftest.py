@@ -79,3 +79,23 @@ def serve_subprocess(*flags: str):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@contextlib.contextmanager
+def gated_app_server(engine, settings):
+    """``create_app(engine, settings)`` served on a thread; yields ``(url, app, engine,
+    server)`` as a namespace, and at the end opens the engine's ``gate`` (a test wrapper's) so
+    nothing waits on it, then stops the server."""
+    from types import SimpleNamespace
+
+    from veridical.server import create_app
+    from veridical.server.background import ServerThread
+
+    app = create_app(engine, settings)
+    server = ServerThread(app)
+    server.start()
+    try:
+        yield SimpleNamespace(url=server.url, app=app, engine=engine, server=server)
+    finally:
+        engine.gate.set()
+        server.stop()

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import serve_subprocess, tiny_engine
+from tests.conftest import gated_app_server, serve_subprocess, tiny_engine
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -44,7 +44,7 @@ from veridical import DecodingConfig, TokenEvent  # noqa: E402
 from veridical.decoding.method import Request  # noqa: E402
 from veridical.decoding.registry import resolve  # noqa: E402
 from veridical.server import ServerSettings, create_app  # noqa: E402
-from veridical.server.background import ServerThread, serve_in_thread  # noqa: E402
+from veridical.server.background import serve_in_thread  # noqa: E402
 from veridical.server.batcher import Batcher, QueueFull  # noqa: E402
 
 MODEL = "tiny-random:llava"
@@ -653,17 +653,10 @@ class GatedStream:
 
 @contextmanager
 def gated_server(**overrides: Any) -> Iterator[SimpleNamespace]:
-    engine = GatedEngine(tiny_engine("llava"))
     settings = ServerSettings(model=MODEL, **{"max_batch_size": 4, "max_queue_size": 2, **LIMITS,
                                               **overrides})
-    app = create_app(engine, settings)
-    server = ServerThread(app)
-    server.start()
-    try:
-        yield SimpleNamespace(url=server.url, app=app, engine=engine, server=server)
-    finally:
-        engine.gate.set()
-        server.stop()
+    with gated_app_server(GatedEngine(tiny_engine("llava")), settings) as served:
+        yield served
 
 
 @pytest.fixture

@@ -48,15 +48,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import serve_subprocess, tiny_engine
+from tests.conftest import gated_app_server, serve_subprocess, tiny_engine
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from veridical.server import ServerSettings, create_app  # noqa: E402
+from veridical.server import ServerSettings  # noqa: E402
 from veridical.server.app import begin_shutdown  # noqa: E402
-from veridical.server.background import ServerThread  # noqa: E402
 from veridical.server.media import decode_image, is_public_address, processed_size  # noqa: E402
 from veridical.server.prompt import PromptCounter, SpecialTokens, check_context  # noqa: E402
 from veridical.server.protocol import SEED_BOUND  # noqa: E402
@@ -185,16 +184,9 @@ class Wrapped:
 
 @contextmanager
 def running(**overrides: Any) -> Iterator[SimpleNamespace]:
-    engine = Wrapped(tiny_engine("llava"))
     settings = ServerSettings(model=MODEL, api_key=KEY, **{**SETTINGS, **overrides})
-    app = create_app(engine, settings)
-    server = ServerThread(app)
-    server.start()
-    try:
-        yield SimpleNamespace(url=server.url, app=app, engine=engine, server=server)
-    finally:
-        engine.gate.set()
-        server.stop()
+    with gated_app_server(Wrapped(tiny_engine("llava")), settings) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
