@@ -31,7 +31,7 @@ from .config import DecodingConfig
 from .inputs import collate, encode
 from .method import Method, Request
 from .state import prefill_positions
-from .stops import has_stop
+from .stops import finish_reason
 
 
 @dataclass
@@ -85,14 +85,7 @@ class MethodContext:
 
     def finished(self, token_ids: list[int], config: DecodingConfig) -> str | None:
         """``"stop"`` (EOS, unless ignored, or a stop string), ``"length"``, or None."""
-        if token_ids and token_ids[-1] in self.eos_ids and not config.ignore_eos:
-            return "stop"
-        if config.stop and has_stop(self.tokenizer.decode(token_ids, skip_special_tokens=True),
-                                    config.stop):
-            return "stop"
-        if len(token_ids) >= config.max_new_tokens:
-            return "length"
-        return None
+        return finish_reason(token_ids, self.eos_ids, self.tokenizer, config)
 
     @staticmethod
     def current_plan() -> EditPlan | None:

@@ -19,27 +19,33 @@ import torch.nn.functional as F
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
-def encode(processor: Any, image: Any, prompt: str,
-           system: str | None = None) -> dict[str, torch.Tensor]:
-    """Tensors for one chat-templated user turn (after an optional system message);
-    ``processor`` may be a bare tokenizer."""
+def chat_text(processor: Any, image: Any, prompt: str, system: str | None = None) -> str:
+    """The chat-templated text of one user turn (an image placeholder first when ``image`` is
+    given), after an optional system message; ``processor`` may be a bare tokenizer."""
     if hasattr(processor, "image_processor"):
         content = [{"type": "image"}] if image is not None else []
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "user", "content": content}]
         if system is not None:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if getattr(processor, "chat_template", None):  # a text-only model: the tokenizer
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return prompt if system is None else f"{system} {prompt}"
+
+
+def encode(processor: Any, image: Any, prompt: str,
+           system: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors for one chat-templated user turn (after an optional system message);
+    ``processor`` may be a bare tokenizer."""
+    text = chat_text(processor, image, prompt, system)
+    if hasattr(processor, "image_processor"):
         images = [image] if image is not None else None
         out = processor(text=[text], images=images, return_tensors="pt")
-    else:  # a text-only model: the tokenizer is the processor
-        if getattr(processor, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            if system is not None:
-                messages.insert(0, {"role": "system", "content": system})
-            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = prompt if system is None else f"{system} {prompt}"
+    else:
         out = processor(text, return_tensors="pt")
         if "attention_mask" not in out:
             out["attention_mask"] = torch.ones_like(out["input_ids"])

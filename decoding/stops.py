@@ -7,6 +7,7 @@ string listed first, nor at the one found last); the answer is the text before i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 def stop_index(text: str, stops: Sequence[str]) -> int | None:
@@ -23,3 +24,24 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """``text`` up to its earliest stop string, and whether there was one."""
     at = stop_index(text, stops)
     return (text, False) if at is None else (text[:at], True)
+
+
+def finish_reason(token_ids: list[int], eos_ids: Sequence[int], tokenizer: Any,
+                  config: Any) -> str | None:
+    """Whether a sequence ended after its last token: ``"stop"`` (EOS, unless
+    ``config.ignore_eos``, or a stop string in the text), ``"length"`` (``max_new_tokens``
+    reached), or None. ``config`` is a ``DecodingConfig``."""
+    if token_ids and token_ids[-1] in eos_ids and not config.ignore_eos:
+        return "stop"
+    if config.stop and has_stop(tokenizer.decode(token_ids, skip_special_tokens=True), config.stop):
+        return "stop"
+    if len(token_ids) >= config.max_new_tokens:
+        return "length"
+    return None
+
+
+def final_text(tokenizer: Any, token_ids: list[int], stops: Sequence[str]) -> tuple[str, bool]:
+    """A finished sequence's text (special tokens skipped, cut at its first stop string,
+    stripped) and whether a stop string cut it."""
+    text, stopped = cut_at_stop(tokenizer.decode(token_ids, skip_special_tokens=True), stops)
+    return text.strip(), stopped

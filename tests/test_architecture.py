@@ -25,6 +25,10 @@ APPS = {"veridical.evaluation"}
 ALLOWED_PRIVATE = {
     ("veridical.decoding.attention", "_attn_implementation"):
         "transformers has no public getter for a config's attention implementation",
+    ("veridical.vllm.plugin", "_processor_factory"):
+        "vLLM keeps a model class's multimodal processor factories only there",
+    ("veridical.vllm.plugin", "_call_hf_processor"):
+        "vLLM's processors call the HF processor there; the branch's pixel transform follows it",
 }
 
 

@@ -142,9 +142,12 @@ _QWEN_CHAT_TEMPLATE = (
 
 
 def build_tiny(
-    arch: str, seed: int = 0, dtype: torch.dtype = torch.float32
+    arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, head_dim: int = _HEAD_DIM
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Build `(model, processor)` for `arch` (one of `ARCHS`); see the module docstring."""
+    """Build `(model, processor)` for `arch` (one of `ARCHS`); see the module docstring.
+
+    `head_dim` widens the text model (hidden size = 4 heads x `head_dim`); vLLM's CPU attention
+    needs at least 32 (`veridical.vllm` tests use 32)."""
     builder = _BUILDERS.get(arch)
     if builder is None and arch not in TEXT_ARCHS:
         every = ARCHS + TEXT_ARCHS
@@ -157,18 +160,21 @@ def build_tiny(
         raise ValueError(f"seed={seed!r} must be an int, e.g. seed=0.")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r} must be a floating torch.dtype, e.g. torch.float32.")
+    if head_dim not in (16, 32, 64):
+        raise ValueError(f"head_dim={head_dim!r} must be 16, 32 or 64.")
     if builder is None:
-        return _build_text(arch, seed, dtype)
+        return _build_text(arch, seed, dtype, head_dim)
     config, processor = builder()
+    _widen(config, head_dim)
     model = _instantiate(config, seed).to(dtype)
     _set_generation_ids(model, processor.tokenizer)
     return model.eval(), processor
 
 
-def save_tiny(arch: str, path: str | Path, seed: int = 0) -> Path:
+def save_tiny(arch: str, path: str | Path, seed: int = 0, head_dim: int = _HEAD_DIM) -> Path:
     """Build `arch` with `seed` and save model and processor to the folder `path`; return it."""
     folder = Path(path)
-    model, processor = build_tiny(arch, seed=seed)
+    model, processor = build_tiny(arch, seed=seed, head_dim=head_dim)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -490,7 +496,25 @@ _TEXT_CHAT_TEMPLATE = (
 )
 
 
-def _build_text(arch: str, seed: int, dtype: torch.dtype):
+def _widen(config: PreTrainedConfig, head_dim: int) -> None:
+    """Give the text model `head_dim`-wide heads (hidden size `_HEADS * head_dim`), and the
+    vision tower's output the new hidden size; M-RoPE sections scale along."""
+    if head_dim == _HEAD_DIM:
+        return
+    scale = head_dim // _HEAD_DIM
+    text = config.get_text_config()
+    text.hidden_size = _HEADS * head_dim
+    text.head_dim = head_dim
+    rope = getattr(text, "rope_parameters", None) or {}
+    if "mrope_section" in rope:
+        rope["mrope_section"] = [s * scale for s in rope["mrope_section"]]
+    vision = getattr(config, "vision_config", None)
+    if vision is not None and getattr(vision, "model_type", "") != "clip_vision_model":
+        field = "out_hidden_size" if hasattr(vision, "out_hidden_size") else "hidden_size"
+        setattr(vision, field, text.hidden_size)
+
+
+def _build_text(arch: str, seed: int, dtype: torch.dtype, head_dim: int = _HEAD_DIM):
     """A text-only causal LM (`llama` dense or `qwen3-moe` sparse) and its tokenizer."""
     tokenizer = _build_tokenizer(
         ("<unk>", "<s>", "</s>", "<pad>"), bos="<s>", eos="</s>", pad="<pad>", named={},
@@ -498,11 +522,12 @@ def _build_text(arch: str, seed: int, dtype: torch.dtype):
     )
     fields = _llama_text_config(tokenizer)
     fields.pop("model_type")
+    fields.update(hidden_size=_HEADS * head_dim, head_dim=head_dim)
     if arch == "llama":
         config = transformers.LlamaConfig(**fields)
     else:
         config = transformers.Qwen3MoeConfig(
-            **fields, head_dim=_HIDDEN // _HEADS, num_experts=4, num_experts_per_tok=2,
+            **fields, num_experts=4, num_experts_per_tok=2,
             moe_intermediate_size=_INTERMEDIATE // 2, decoder_sparse_step=1,
         )
     with torch.random.fork_rng(devices=[]):
