@@ -26,7 +26,16 @@ test-all: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/veridical demo
 
+# The vLLM backend's suite, in its own CPU environment (.venv-vllm, about 7 GB, built on first use
+# by scripts/build-vllm-venv.sh in a few minutes): vLLM needs other builds of torch and torchvision.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: scripts/build-vllm-venv.sh
+	scripts/build-vllm-venv.sh $(VLLM_VENV)
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -m "" tests/test_vllm_backend.py tests/test_vllm_pressure.py
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-.PHONY: install test test-slow test-all demo lint
+.PHONY: install test test-slow test-all test-vllm demo lint

@@ -48,6 +48,40 @@ def add_decoding_args(parser: argparse.ArgumentParser, seed_help: str | None = N
                                           "fresh one, printed with --json")
 
 
+def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
+                        help="veridical's own engine (every method; default) or vLLM (the "
+                             "contrastive family; see `veridical methods --backend vllm`)")
+    parser.add_argument("--vllm-arg", action="append", metavar="KEY=VALUE", dest="vllm_args",
+                        help="a vLLM engine argument (repeatable), e.g. "
+                             "--vllm-arg tensor_parallel_size=2; values are JSON or text")
+
+
+def vllm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--vllm-arg KEY=VALUE`` pairs as keyword arguments (JSON values, else text)."""
+    out: dict[str, Any] = {}
+    for item in getattr(args, "vllm_args", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VeridicalError(f"--vllm-arg {item!r} must look like KEY=VALUE, e.g. "
+                                 "tensor_parallel_size=2")
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    if out and getattr(args, "backend", "transformers") != "vllm":
+        raise VeridicalError("--vllm-arg needs --backend vllm")
+    return out
+
+
+def load_for(args: argparse.Namespace, **kwargs: Any):
+    """The engine the command's ``--model`` and ``--backend`` name."""
+    import veridical
+
+    backend = getattr(args, "backend", "transformers")
+    return veridical.load(args.model, backend=backend, **kwargs, **vllm_kwargs(args))
+
+
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "method": args.method,
@@ -63,8 +97,6 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import veridical
-
     images = args.image or []
     if len(args.prompt) > 1 and len(images) not in (0, len(args.prompt)):
         raise VeridicalError(
@@ -73,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     if len(images) > 1 and len(args.prompt) != len(images):
         raise VeridicalError(f"got {len(images)} --image for {len(args.prompt)} --prompt")
-    engine = veridical.load(args.model, device=args.device, dtype=args.dtype)
+    engine = load_for(args, device=args.device, dtype=args.dtype)
     image_list = images if images else [None] * len(args.prompt)
     results = engine.generate(image_list, args.prompt, stop=args.stop, **decoding_kwargs(args))
     if args.json:
@@ -87,16 +119,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     import veridical
 
+    from .vllm.backend import unsupported_reason
+
     listing = veridical.methods()
+    for m in listing:
+        vllm = unsupported_reason(veridical.resolve(m["name"])) is None
+        m["backends"] = ["transformers", "vllm"] if vllm else ["transformers"]
+    if args.backend is not None:
+        listing = [m for m in listing if args.backend in m["backends"]]
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
-    table = Table(title="Mitigation methods (compose with '+', set parameters with --set)")
-    for col in ("method", "description", "parameters (default; range)"):
+    title = "Mitigation methods (compose with '+', set parameters with --set)"
+    if args.backend is not None:
+        title += f"; those the {args.backend} backend runs"
+    table = Table(title=title)
+    for col in ("method", "description", "parameters (default; range)", "runs on"):
         table.add_column(col)
     for m in listing:
         params = "\n".join(f"{p['name']} = {p['default']!r}; {p['range']}" for p in m["params"])
-        table.add_row(m["name"], m["description"], params or "-")
+        table.add_row(m["name"], m["description"], params or "-", ", ".join(m["backends"]))
     console.print(table)
     return 0
 
@@ -194,11 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None)
     gen.add_argument("--json", action="store_true", help="print results as JSON")
+    add_backend_args(gen)
     add_decoding_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     meth = sub.add_parser("methods", help="list the mitigation methods and their parameters")
     meth.add_argument("--json", action="store_true")
+    meth.add_argument("--backend", choices=("transformers", "vllm"), default=None,
+                      help="list only the methods this backend runs (default: all, with a "
+                           "'runs on' column)")
     meth.set_defaults(func=cmd_methods)
 
     bench = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
@@ -226,11 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     meth_b.add_argument("--device", default=None)
     meth_b.add_argument("--json", action="store_true")
     meth_b.set_defaults(func=cmd_bench_methods)
+    from veridical.bench import add_backends_bench
     from veridical.kernels.bench import add_bench as add_kernel_bench
     from veridical.server.bench import add_bench as add_serve_bench
 
     add_kernel_bench(bench_sub)
     add_serve_bench(bench_sub)
+    add_backends_bench(bench_sub)
 
     demo = sub.add_parser("demo", help="the main job: every method on the built-in model")
     demo.add_argument("--model", default=None, help="default: the built-in model")

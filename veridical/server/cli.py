@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    engine = veridical.load(settings.model, device=settings.device, dtype=settings.dtype)
+    engine = veridical.load(settings.model, **settings.engine_args())
     if settings.profile_heads and engine.head_profile is None:
         from veridical.heads import ensure_profile
         from veridical.world import resolve_data

@@ -12,13 +12,14 @@ flag that is not a field name is ``--set KEY=VALUE`` (repeatable), which fills
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 API_KEY_ENV = "VERIDICAL_API_KEY"
 MiB = 1024 * 1024
@@ -35,6 +36,12 @@ class ServerSettings(BaseModel):
         None, description="name clients pass as `model` (default: the --model reference)")
     device: str | None = Field(None, description="torch device (default: the loader's choice)")
     dtype: str | None = Field(None, description="torch dtype name, e.g. bfloat16")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="veridical's own engine (every method) or vLLM (the "
+                                    "contrastive family, paged KV cache, tensor parallelism)")
+    vllm_args: str | None = Field(
+        None, description="vLLM engine arguments as a JSON object, with --backend vllm, e.g. "
+                          "'{\"tensor_parallel_size\": 2}'")
     profile_heads: str | None = Field(
         None, description="build the model's head profile at start-up when it has none "
                           "(for fia/var): a folder of images, a SynthCOCO world folder or "
@@ -92,6 +99,27 @@ class ServerSettings(BaseModel):
                                                              "torch's choice)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="uvicorn and veridical log level")
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _json_object(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--vllm-args is not JSON ({exc.msg}); give an object such "
+                                 "as '{\"tensor_parallel_size\": 2}'") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("--vllm-args must be a JSON object of vLLM engine arguments")
+        return value
+
+    def engine_args(self) -> dict[str, Any]:
+        """What ``veridical.load`` takes for this server's model."""
+        if self.backend == "vllm":
+            return {"backend": "vllm", "dtype": self.dtype, **json.loads(self.vllm_args or "{}")}
+        if self.vllm_args:
+            raise ValueError("--vllm-args needs --backend vllm")
+        return {"device": self.device, "dtype": self.dtype}
 
     @property
     def model_name(self) -> str:

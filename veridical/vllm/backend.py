@@ -28,8 +28,10 @@ are refused with a clear error.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -96,11 +98,13 @@ class _Group:
     offset: int = 0  # len(tokens) when the members were last submitted
     regroups: int = 0
     prompt_ids: list[int] | None = None  # the real input's prompt ids (first submission)
+    need: tuple[int, int, int] = (0, 0, 0)  # (requests, KV tokens, longest prompt): vLLM.need
 
 
 class VLLMEngine:
     """See the module docstring."""
 
+    backend = "vllm"
     # The engine's own argument handling and validation (they call only request/run/stream).
     generate = Engine.generate
     request = Engine.request
@@ -119,6 +123,8 @@ class VLLMEngine:
         self.in_process = in_process
         self.head_profile = None
         self.stats = {"regrouped": 0}
+        # the latest output of each request that others added to ``core`` and our calls stepped
+        self.others: dict[str, Any] = {}
         self.request_ids = itertools.count()
         self.image_token_id = adapter.image_token_id(hf_config)
 
@@ -172,6 +178,31 @@ class VLLMEngine:
         if pixels is not None:
             prompt["mm_processor_kwargs"] = {plugin.PIXELS_KEY: pixels}
         return prompt
+
+    def capacity(self) -> tuple[int, float]:
+        """(requests, KV-cache tokens) vLLM holds at once."""
+        config = self.core.vllm_config
+        blocks = config.cache_config.num_gpu_blocks
+        tokens = blocks * config.cache_config.block_size if blocks else math.inf
+        return config.scheduler_config.max_num_seqs, tokens
+
+    def need(self, prompts: list[dict], max_new_tokens: int) -> tuple[int, int, int]:
+        """(requests, KV-cache tokens in whole blocks, longest prompt) of a group with these
+        prompts, at most."""
+        block = self.core.vllm_config.cache_config.block_size or 1
+        lengths = [self.prompt_length(prompt) for prompt in prompts]
+        tokens = sum(-(-(n + max_new_tokens) // block) * block for n in lengths)
+        return len(prompts), tokens, max(lengths)
+
+    def prompt_length(self, prompt: dict) -> int:
+        """Tokens of a vLLM prompt once its image placeholders are expanded (the processor's)."""
+        if "prompt_token_ids" in prompt:
+            return len(prompt["prompt_token_ids"])
+        image = (prompt.get("multi_modal_data") or {}).get("image")
+        if image is None or not hasattr(self.processor, "image_processor"):
+            return len(self.tokenizer(prompt["prompt"])["input_ids"])
+        out = self.processor(text=[prompt["prompt"]], images=[image], return_tensors="pt")
+        return int(out["input_ids"].shape[-1])
 
     def resubmission(self, member: _Member, tokens: list[int]) -> dict:
         """``member``'s prompt as token ids with ``tokens`` appended; image placeholder runs are
@@ -233,8 +264,13 @@ def _events(engine: VLLMEngine, requests: list[Request], method: Method, config:
         prompts = (group.prompts if not group.tokens else
                    [engine.resubmission(m, group.tokens) for m in group.members])
         old = group.members
-        group.members = []
-        for role, prompt in enumerate(prompts):
+        group.members = [None] * len(prompts)
+        # Members that lagged at the last split go first: vLLM's first-come scheduling then
+        # gives them the step's token budget, while the others' prompts are in the prefix cache;
+        # otherwise a chunked prefill can split the same group again and again.
+        order = sorted(range(len(prompts)), key=lambda r: len(old[r].tokens) if old else r)
+        for role in order:
+            prompt = prompts[role]
             tag = {"group": group.key, "role": role, "size": size, "method": method.name,
                    "args": dict(method.args), "offset": group.offset, "seed": group.seed,
                    "sample": sampling, "logprobs": config.logprobs}
@@ -245,27 +281,64 @@ def _events(engine: VLLMEngine, requests: list[Request], method: Method, config:
             try:
                 core.add_request(rid, prompt, params)  # outputs and aborts use this id
             except ValueError as exc:
-                _abort(core, [m.request_id for m in group.members])
+                _abort(core, [m.request_id for m in group.members if m is not None])
                 raise InputError(f"request {group.index}: vLLM refused it: {exc}") from None
             member = _Member(rid, old[role].prompt if old else prompt)
             member.prompt_ids = old[role].prompt_ids if old else None
-            group.members.append(member)
+            group.members[role] = member
             owner[rid] = (group, role)
+
+    waiting: collections.deque[_Group] = collections.deque()  # groups not yet in vLLM
+    running: set[int] = set()
 
     def start(request: Request, seed: int) -> None:
         index = next(count)
         if index >= len(seeds):
             seeds.append(seed)
         group = _Group(index, seed, engine.prompts(request, method, seed))
+        group.need = engine.need(group.prompts, config.max_new_tokens)
+        budget = core.vllm_config.scheduler_config.max_num_batched_tokens
+        if group.need[2] > budget:
+            raise InputError(
+                f"request {index}: a prompt of {group.need[2]} tokens does not fit vLLM's "
+                f"per-step token budget ({budget}): its group's {size} requests could not be "
+                "prefilled together; raise max_num_batched_tokens")
+        if group.need[1] > engine.capacity()[1]:
+            raise InputError(
+                f"request {index}: its {size} vLLM requests need {group.need[1]} tokens of KV "
+                f"cache together, and the cache holds {engine.capacity()[1]}; lower "
+                "max_new_tokens or give vLLM a larger KV cache (e.g. kv_cache_memory_bytes)")
         live[index] = group
-        submit(group)
+        waiting.append(group)
 
-    def finish(group: _Group, reason: str) -> DoneEvent:
+    def pump() -> None:
+        """Submit waiting groups while vLLM has room for all members of the next one: a group
+        admitted whole, in a cache that holds it, is not split by admission or preemption."""
+        seqs, tokens = engine.capacity()
+        used_seqs = core.get_num_unfinished_requests()
+        used_tokens = sum(live[i].need[1] for i in running)
+        while waiting:
+            group = waiting[0]
+            fits = (used_seqs + group.need[0] <= seqs and used_tokens + group.need[1] <= tokens)
+            if not fits and running:
+                return
+            waiting.popleft()
+            running.add(group.index)
+            used_seqs, used_tokens = used_seqs + group.need[0], used_tokens + group.need[1]
+            submit(group)
+
+    def release(group: _Group) -> None:
         _abort(core, [m.request_id for m in group.members])
         for m in group.members:
             owner.pop(m.request_id, None)
-        del live[group.index]
         combine.SIDE.pop(group.key, None)
+        running.discard(group.index)
+
+    def finish(group: _Group, reason: str) -> DoneEvent:
+        release(group)
+        if group in waiting:
+            waiting.remove(group)
+        del live[group.index]
         text, stopped = final_text(engine.tokenizer, group.tokens, config.stop)
         ids = group.prompt_ids or []
         images = sum(t == engine.image_token_id for t in ids) if engine.image_token_id is not None else 0
@@ -283,10 +356,16 @@ def _events(engine: VLLMEngine, requests: list[Request], method: Method, config:
                     start(request, fresh_seed() if seed is None else seed)
             if not live:
                 return
+            for index in [i for i in cancelled if i in live and live[i] in waiting]:
+                yield finish(live[index], "cancelled")
+            pump()
+            if not running:
+                continue
             touched: dict[int, _Group] = {}
             for out in core.step():
                 hit = owner.get(out.request_id)
-                if hit is None:
+                if hit is None:  # a request someone else added to this vLLM engine
+                    engine.others[out.request_id] = out
                     continue
                 group, role = hit
                 member = group.members[role]
@@ -330,11 +409,8 @@ def _events(engine: VLLMEngine, requests: list[Request], method: Method, config:
                             f"{MAX_REGROUPS} times (scheduling under memory or token-budget "
                             "pressure); raise max_num_seqs, max_num_batched_tokens or the KV "
                             "cache size, or send fewer requests at once")
-                    _abort(core, [m.request_id for m in group.members])
-                    for m in group.members:
-                        owner.pop(m.request_id, None)
-                    combine.SIDE.pop(group.key, None)
-                    submit(group)
+                    release(group)
+                    waiting.appendleft(group)  # first in line: it is older than the rest
     finally:
         _abort(core, [rid for rid in owner])
 
@@ -389,6 +465,9 @@ def load_vllm(ref: str, **vllm_args: Any) -> VLLMEngine:
         overrides.setdefault("architectures", [arch])
         args["hf_overrides"] = overrides
     args["logits_processors"] = [*args.get("logits_processors", []), COMBINER]
+    # Branch pixel transforms (VCD's noise) act on the processor's NORMALISED pixels, as in the
+    # engine; vLLM can otherwise defer Qwen-VL's normalisation to the GPU.
+    args.setdefault("mm_device_do_normalize", False)
     args.setdefault("seed", 0)
     if not torch.cuda.is_available():
         args.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)

@@ -11,9 +11,8 @@ and tokenizer as ``src``; ``src`` itself is never modified. What it fixes, and n
   from the image processor's settings.
 - A folder that needs neither is returned as it is.
 
-The converted folder is written once under ``dst`` (default: ``<src>-vllm`` beside ``src`` when
-that is writable, else the cache folder ``veridical.cache``), and reused while it is newer than
-``src``'s weights.
+The converted folder is written once under ``dst`` (default: in veridical's cache folder,
+``$VERIDICAL_CACHE/vllm/``), and reused while it is newer than ``src``'s files.
 """
 
 from __future__ import annotations
@@ -116,13 +115,10 @@ def _video_config(folder: Path) -> dict:
 
 
 def _default_destination(folder: Path) -> Path:
-    beside = folder.with_name(folder.name + "-vllm")
-    try:
-        beside.mkdir(exist_ok=True)
-        (beside / ".write-test").touch()
-        (beside / ".write-test").unlink()
-        return beside
-    except OSError:
-        from veridical.cache import cache_dir
+    """``$VERIDICAL_CACHE/vllm/<name>-<hash of the folder's path>``: never beside the source."""
+    import hashlib
 
-        return cache_dir() / "vllm" / folder.name
+    from veridical.cache import cache_dir
+
+    digest = hashlib.blake2b(str(folder.resolve()).encode(), digest_size=6).hexdigest()
+    return cache_dir() / "vllm" / f"{folder.name}-{digest}"
