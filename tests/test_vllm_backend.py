@@ -143,3 +143,55 @@ def test_beam_search_is_refused(pair):
     _, theirs = pair
     with pytest.raises(InputError, match="beam search is not available on the vLLM backend"):
         theirs.generate(images(1)[0], PROMPTS[0], num_beams=3, max_new_tokens=4)
+
+
+def test_the_server_runs_on_the_vllm_backend(pair):
+    import base64
+    import io
+
+    import httpx
+
+    from veridical.server import ServerSettings, create_app
+    from veridical.server.background import serve_in_thread
+
+    ours, theirs = pair
+    img = images(1)[0]
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = {"model": "tiny", "max_tokens": 8, "temperature": 0, "seed": 4,
+            "mitigation": {"method": "ritual+vcd"},
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": PROMPTS[1]}]}]}
+    app = create_app(theirs, ServerSettings(model="tiny", max_batch_size=4))
+    with serve_in_thread(app) as base:
+        plain = httpx.post(base + "/v1/chat/completions", json=body, timeout=300)
+        streamed = httpx.post(base + "/v1/chat/completions", json={**body, "stream": True},
+                              timeout=300)
+    assert plain.status_code == 200, plain.text
+    want = ours.generate(img, PROMPTS[1], method="ritual+vcd", max_new_tokens=8, seed=4)
+    assert plain.json()["choices"][0]["message"]["content"] == want.text
+    assert plain.json()["usage"]["completion_tokens"] == want.completion_tokens
+    pieces = [line.removeprefix("data: ") for line in streamed.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    import json
+
+    text = "".join(json.loads(p)["choices"][0]["delta"].get("content") or "" for p in pieces
+                   if json.loads(p).get("choices"))
+    assert text == want.text
+
+
+def test_the_eval_runner_runs_on_the_vllm_backend(pair, tmp_path):
+    ours, theirs = pair
+    config = dict(benchmark="pope", model="tiny", data="builtin:synthcoco", limit=2,
+                  method="vcd", batch_size=3)
+    a = veridical.evaluate(ours, veridical.EvalConfig(output=str(tmp_path / "ours"), **config),
+                           quiet=True)
+    b = veridical.evaluate(theirs, veridical.EvalConfig(output=str(tmp_path / "vllm"), **config),
+                           quiet=True)
+    assert b["run"]["backend"] == "vllm" and a["run"]["backend"] == "transformers"
+    assert b["metrics"] == a["metrics"]
+    rows = [[line for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+            for name in ("ours", "vllm")]
+    assert sorted(rows[0]) == sorted(rows[1])

@@ -470,6 +470,8 @@ def load_vllm(ref: str, **vllm_args: Any) -> VLLMEngine:
     args.setdefault("mm_device_do_normalize", False)
     args.setdefault("seed", 0)
     if not torch.cuda.is_available():
+        # vLLM would drop this whole process to one torch thread unless told the count
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         args.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
         args.setdefault("dtype", "float32")  # vLLM's CPU default is bfloat16; ours is float32
     from vllm import LLM
