@@ -25,6 +25,14 @@ the token was chosen from (the method's adjusted scores, before temperature and 
 ``run(...)`` consumes the stream and returns the results; its callbacks ``on_token(i, token,
 logprob)`` (returning False cancels) and ``on_done(i, result)`` see the events as they come.
 
+The context: every request (given or joining) must fit the model's context, its prompt tokens
+(image tokens included) plus the tokens it may generate at most ``max_position_embeddings`` of
+the model's text config (unchecked where the config has none); the rows of its branches too.
+Otherwise the call raises an ``InputError`` naming the counts and the fix before any forward.
+A request may carry its own, lower limit (``Request.max_new_tokens``): greedy decoding and
+sampling end its row there (finish reason ``"length"``), and the context check uses it; beam
+search and search methods decode every request to the call's ``max_new_tokens``.
+
 Joining a running batch (continuous batching; greedy decoding and sampling): ``admit=h`` is called
 as ``h(n_live)`` before each decode step, and with ``n_live = 0`` once every row has finished (the
 stream ends when that brings nothing); it returns new ``(Request, seed)`` pairs (or nothing) that
@@ -51,14 +59,14 @@ from veridical.images import load_image
 
 from .attention import restore, use_edits
 from .beam import beam_search
-from .config import DecodingConfig, DoneEvent, Event, GenerationResult, TokenEvent
+from .config import DecodingConfig, DoneEvent, Event, GenerationResult, TokenEvent, is_int
 from .context import MethodContext
 from .greedy import Finished, decode
 from .method import Method, Request, RowInfo
 from .registry import resolve
 from .seeds import branch_key, derive_seed, fresh_seed, request_seeds
 from .state import BatchState
-from .stops import cut_at_stop
+from .stops import final_text
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,8 @@ AdmitCallback = Callable[[int], "Sequence[tuple[Request, int | None]]"]
 
 class Engine:
     """A model, its processor and its architecture adapter, with the batched ``generate``."""
+
+    backend = "transformers"  # the Backend seam's name for this engine (veridical.vllm: "vllm")
 
     def __init__(self, model: torch.nn.Module, processor: Any, adapter: Any, name: str = ""):
         self.model = model.eval()
@@ -97,6 +107,19 @@ class Engine:
     def multimodal(self) -> bool:
         """Whether the model takes images."""
         return bool(self.adapter.multimodal)
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's context in tokens (``max_position_embeddings`` of its text config), or
+        None where its config names none."""
+        return model_context(self.model)
+
+    def check_context(self, prompt_tokens: int, image_tokens: int, max_new_tokens: int,
+                      name: str = "max_new_tokens") -> None:
+        """Raise an ``InputError`` when a prompt of ``prompt_tokens`` (``image_tokens`` of them
+        for the image) plus ``max_new_tokens`` does not fit the model's context; ``name`` is
+        what the caller calls the limit (the server: ``max_tokens``)."""
+        check_context(prompt_tokens, image_tokens, max_new_tokens, self.context_length, name)
 
     def unsupported(self, method: Method) -> str | None:
         """None: this engine runs every registered method (the backend seam's question)."""
@@ -277,15 +300,36 @@ def _events(engine: Engine, requests: list[Request], method: Method, config: Dec
     info = RowInfo(["main"] + [b.name for b in branches], n_slots=len(requests))
     edits = method.attention_edits(ctx)
     image_id = engine.adapter.image_token_id(engine.model.config)
+    context = model_context(engine.model)
+    whole_batch = custom is not None or config.num_beams > 1  # no per-request limits
     prompt_tokens: list[int] = []
     image_tokens: list[int] = []
+    limits: list[int] = []  # each request's own max_new_tokens
+    emitted: list[int] = []  # tokens each request has chosen so far
+    ended_at_limit: set[int] = set()  # requests whose own limit ended them
+
+    def counts(row: dict[str, torch.Tensor]) -> tuple[int, int]:
+        images = int((row["input_ids"] == image_id).sum()) if image_id is not None else 0
+        return int(row["attention_mask"].sum()), images
 
     def start(new: list[Request], new_seeds: list[int]) -> BatchState:
-        """The rows of ``new`` (and of their branches), collated, ready to prefill."""
-        rows = [ctx.encode(r) for r in new] + engine.branch_rows(new, branches, new_seeds)
-        prompt_tokens.extend(int(r["attention_mask"].sum()) for r in rows[: len(new)])
-        image_tokens.extend(int((r["input_ids"] == image_id).sum()) if image_id is not None
-                            else 0 for r in rows[: len(new)])
+        """The rows of ``new`` (and of their branches), checked against the context,
+        collated, ready to prefill."""
+        first = len(prompt_tokens)  # the index of new[0]
+        for i, request in enumerate(new, first):
+            limits.append(request_limit(request, config, whole_batch, i))
+        main = [ctx.encode(r) for r in new]
+        for i, row in enumerate(main, first):
+            check_context(*counts(row), limits[i], context, where=f"request {i}: ")
+        extra = engine.branch_rows(new, branches, new_seeds)
+        for j, row in enumerate(extra):  # branch-major
+            i, branch = first + j % len(new), branches[j // len(new)]
+            check_context(*counts(row), limits[i], context,
+                          where=f"request {i} ({branch.name} branch): ")
+        rows = main + extra
+        prompt_tokens.extend(counts(r)[0] for r in main)
+        image_tokens.extend(counts(r)[1] for r in main)
+        emitted.extend(0 for _ in new)
         row_data = {k: v.repeat(n_branches, *([1] * (v.dim() - 1)))  # every block
                     for k, v in method.prepare(ctx, new).items()}
         info.n_slots = len(new)  # the hooks see the rows being prefilled
@@ -302,10 +346,12 @@ def _events(engine: Engine, requests: list[Request], method: Method, config: Dec
 
     def result(finished: Finished) -> DoneEvent:
         i = finished.request
-        text = engine.tokenizer.decode(finished.token_ids, skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, config.stop)
+        text, stopped = final_text(engine.tokenizer, finished.token_ids, config.stop)
+        reason = finished.reason
+        if reason == "cancelled" and i in ended_at_limit:
+            reason = "length"
         return DoneEvent(i, GenerationResult(
-            text.strip(), finished.token_ids, "stop" if stopped else finished.reason,
+            text, finished.token_ids, "stop" if stopped else reason,
             prompt_tokens[i], len(finished.token_ids), image_tokens[i], finished.logprobs,
             seeds[i]))
 
@@ -318,7 +364,15 @@ def _events(engine: Engine, requests: list[Request], method: Method, config: Dec
         if custom is None and config.num_beams == 1:
             for event in decode(ctx, state, method, n_branches, config, seeds,
                                 join if joinable else None, cancelled):
-                yield result(event) if isinstance(event, Finished) else event
+                if isinstance(event, Finished):
+                    yield result(event)
+                    continue
+                i = event.request
+                emitted[i] += 1
+                if limits[i] < config.max_new_tokens and emitted[i] >= limits[i]:
+                    ended_at_limit.add(i)  # its own limit: the row ends here
+                    cancelled.add(i)
+                yield event
             return
         search = custom or beam_search
         outputs = search(ctx, state, method, n_branches, config, seeds)
@@ -333,6 +387,41 @@ def _events(engine: Engine, requests: list[Request], method: Method, config: Dec
             yield TokenEvent(request, token)
     for request, (ids, reason) in enumerate(outputs):
         yield result(Finished(request, ids, reason))
+
+
+def model_context(model: torch.nn.Module) -> int | None:
+    """``max_position_embeddings`` of the model's text config; None where it has none."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    length = getattr(text, "max_position_embeddings", None)
+    return length if is_int(length) and length > 0 else None
+
+
+def check_context(prompt_tokens: int, image_tokens: int, max_new_tokens: int,
+                  context: int | None, name: str = "max_new_tokens", where: str = "") -> None:
+    """Raise an ``InputError`` when ``prompt_tokens`` (``image_tokens`` of them for the image)
+    plus ``max_new_tokens`` (the caller's ``name`` for it) exceed ``context`` (None: unknown,
+    unchecked); ``where`` prefixes the message (``"request 3: "``)."""
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return
+    what = (f"{prompt_tokens} prompt tokens"
+            + (f" ({image_tokens} of them for the image)" if image_tokens else ""))
+    raise InputError(f"{where}this model's context is {context} tokens, but the request needs "
+                     f"{prompt_tokens + max_new_tokens}: {what} + {name} {max_new_tokens}; "
+                     f"lower {name} or shorten the prompt")
+
+
+def request_limit(request: Request, config: DecodingConfig, whole_batch: bool, index: int
+                  ) -> int:
+    """The tokens request ``index`` may generate: its own ``max_new_tokens`` below the call's,
+    except where the search decodes the whole batch to the call's limit (``whole_batch``)."""
+    own = request.max_new_tokens
+    if own is None:
+        return config.max_new_tokens
+    if not is_int(own) or own < 1:
+        raise InputError(f"request {index}: max_new_tokens={own!r} is invalid; give an integer "
+                         ">= 1, or None for the call's limit")
+    return config.max_new_tokens if whole_batch else min(own, config.max_new_tokens)
 
 
 def _as_list(x: Any) -> list[int]:

@@ -129,6 +129,9 @@ class Request:
     system: str | None = None  # a system message (ICD's disturbance role); None: the template's
     # Free-form per-request settings a branch may add (e.g. a tensor transform for the pixels).
     extras: dict[str, Any] = field(default_factory=dict)
+    # This request's own token limit, below the call's DecodingConfig.max_new_tokens (None: the
+    # call's): greedy decoding and sampling end its row there (decoding/engine.py).
+    max_new_tokens: int | None = None
 
 
 def _same_request(request: Request, rng: torch.Generator) -> Request:

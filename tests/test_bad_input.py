@@ -83,3 +83,40 @@ def test_unknown_model_references(tmp_path):
         veridical.load(str(tmp_path))
     with pytest.raises(InputError, match=r"dtype='float33'"):
         veridical.load("tiny-random:llava", dtype="float33")
+    with pytest.raises(InputError, match=r"model folder '\./no-such-folder' does not exist"):
+        veridical.load("./no-such-folder")
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_an_unknown_hub_id_offline_fails_at_once(monkeypatch, variable):
+    import time
+
+    import transformers.modeling_utils  # noqa: F401  (imports are not what is timed)
+
+    monkeypatch.setenv(variable, "1")
+    started = time.monotonic()
+    with pytest.raises(InputError, match=rf"not in the Hugging Face cache while {variable}=1 "
+                                         r"\(offline mode\)\. Use a local folder"):
+        veridical.load("no-such-org/no-such-model")
+    assert time.monotonic() - started < 3
+
+
+def test_an_unknown_hub_id_with_an_unreachable_hub_fails_at_once(monkeypatch):
+    import socket
+    import time
+
+    import transformers.modeling_utils  # noqa: F401
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as sock:  # a loopback port nobody listens on: refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(InputError, match=rf"the hub \(http://127.0.0.1:{port}\) cannot be "
+                                         "reached"):
+        veridical.load("no-such-org/no-such-model")
+    assert time.monotonic() - started < 3 + veridical.loading.HUB_CHECK_S

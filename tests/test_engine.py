@@ -405,3 +405,51 @@ def test_logprobs_leave_out_the_tokens_the_method_rules_out(images, prompts):
     # beta = 1 keeps only the most likely token: its alternatives are all cut (-inf)
     assert all(len(t.top) == 1 and t.top[0][0] == t.token_id for t in out.logprobs)
     assert all(math.isfinite(t.logprob) for t in out.logprobs)
+
+
+# The context: prompt + image tokens + max_new_tokens within the model's positions -------------
+def test_requests_must_fit_the_context_at_every_entry_point(images, prompts):
+    engine = tiny_engine("llava")  # 512 positions
+    assert engine.context_length == 512
+    fits = engine.generate(images[0], prompts[0], max_new_tokens=1)
+    room = 512 - fits.prompt_tokens
+    with pytest.raises(veridical.InputError) as caught:
+        engine.generate(images[0], prompts[0], max_new_tokens=room + 1)
+    assert str(caught.value) == (
+        f"request 0: this model's context is 512 tokens, but the request needs 513: "
+        f"{fits.prompt_tokens} prompt tokens ({fits.image_tokens} of them for the image) + "
+        f"max_new_tokens {room + 1}; lower max_new_tokens or shorten the prompt")
+    # a batch names the request; a branch's rows must fit too (icd's role is a longer prompt)
+    with pytest.raises(veridical.InputError, match="^request 1: .* 513"):
+        engine.generate([None, images[0]], ["dog", prompts[0]], max_new_tokens=room + 1)
+    with pytest.raises(veridical.InputError, match=r"^request 0 \(disturbed branch\): "):
+        engine.generate(images[0], prompts[0], method="icd", max_new_tokens=room)
+    # beam search and search methods: the same check
+    for method, beams in (("none", 2), ("opera_fast", 1)):
+        with pytest.raises(veridical.InputError, match="lower max_new_tokens"):
+            engine.generate(images[0], prompts[0], method=method, num_beams=beams,
+                            max_new_tokens=room + 1)
+    # a request that joins a running batch is checked before it is prefilled
+    waiting = [(engine.request(None, "dog " * 600), 0)]
+    with pytest.raises(veridical.InputError, match="^request 1: .* 605 prompt tokens"):
+        engine.run([engine.request(images[0], prompts[0])], resolve("none"),
+                   DecodingConfig(max_new_tokens=4), [0],
+                   admit=lambda n: [waiting.pop()] if waiting else [])
+
+
+def test_a_request_s_own_limit_ends_its_row_and_is_what_the_context_check_counts(images,
+                                                                                  prompts):
+    engine = tiny_engine("llava")
+    long_prompt = "dog " * 480  # leaves fewer than 64 positions
+    alone = engine.generate(None, long_prompt, max_new_tokens=4, ignore_eos=True)
+    capped = veridical.Request(None, long_prompt, max_new_tokens=4)
+    other = engine.request(images[0], prompts[0])
+    config = DecodingConfig(max_new_tokens=64, ignore_eos=True)
+    with pytest.raises(veridical.InputError, match="context is 512"):
+        engine.run([veridical.Request(None, long_prompt), other], resolve("none"), config, [0, 0])
+    results = engine.run([capped, other], resolve("none"), config, [0, 0])
+    assert results[0].token_ids == alone.token_ids and results[0].finish_reason == "length"
+    assert len(results[1].token_ids) == 64
+    with pytest.raises(veridical.InputError, match="max_new_tokens=0 is invalid"):
+        engine.run([veridical.Request(None, "dog", max_new_tokens=0)], resolve("none"), config,
+                   [0])

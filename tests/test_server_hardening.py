@@ -54,10 +54,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from veridical.errors import InputError  # noqa: E402
 from veridical.server import ServerSettings  # noqa: E402
 from veridical.server.app import begin_shutdown  # noqa: E402
 from veridical.server.media import decode_image, is_public_address, processed_size  # noqa: E402
-from veridical.server.prompt import PromptCounter, SpecialTokens, check_context  # noqa: E402
+from veridical.server.prompt import PromptCounter, SpecialTokens  # noqa: E402
 from veridical.server.protocol import SEED_BOUND  # noqa: E402
 
 MODEL = "tiny-random:llava"
@@ -456,11 +457,13 @@ def test_context_and_prefill_bounds(server):
     assert "16 of them for the image" in error["message"]
     fits = post(server.url, body(messages=user(IMAGE_URL, words), max_tokens=191))
     assert fits.status_code == 200 and fits.json()["usage"]["prompt_tokens"] == 321
-    assert check_context(321, 16, None, 256, CONTEXT) == 191
-    assert check_context(10, 0, None, 256, None) == 256
     counter = PromptCounter(server.engine)
     assert counter.context_length == CONTEXT and counter.count(None, words, None) == (305, 0)
-    assert PromptCounter(SimpleNamespace()).count(None, words, None) is None  # another backend
+    assert counter.fit(321, 16, None, 256) == 191 and counter.fit(321, 16, 191, 256) == 191
+    with pytest.raises(InputError, match="needs 513: 321 prompt tokens"):  # the engine's rule
+        counter.fit(321, 16, 192, 256)
+    other = PromptCounter(SimpleNamespace())  # another backend: not counted, not checked
+    assert other.count(None, words, None) is None and other.fit(10, 0, None, 256) == 256
     assert_serves(server.url)
 
 

@@ -1,9 +1,10 @@
 """The backend seam: what the Python API, the server and the eval runner need of an engine.
 
-Our own :class:`~veridical.decoding.engine.Engine` is one backend; another (e.g. one on vLLM)
-plugs in by offering the same interface, without changes to the server or the runner:
+Our own :class:`~veridical.decoding.engine.Engine` is one backend (``"transformers"``); the vLLM
+backend (``veridical.vllm``, ``"vllm"``) is another; each offers the same interface, so neither the
+server nor the runner knows which it has:
 
-- ``name``; ``tokenizer`` (``decode`` for streamed text); ``eos_ids``; ``multimodal`` (whether it
+- ``backend`` (its name, recorded with evaluation results); ``name``; ``tokenizer`` (``decode`` for streamed text); ``eos_ids``; ``multimodal`` (whether it
   takes images); ``device`` (recorded with evaluation results);
 - ``generate(images, prompts, method=..., ...)``: the batched call of the API;
 - ``request(image, prompt, index)``: a checked :class:`~veridical.decoding.method.Request`;
@@ -32,6 +33,7 @@ class EventStream(Protocol):
 class Backend(Protocol):
     """See the module docstring."""
 
+    backend: str
     name: str
     tokenizer: Any
     eos_ids: list[int]

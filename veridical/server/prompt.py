@@ -17,10 +17,11 @@ the context checked.
   tokenizer is not safe to share with the engine thread), off the event loop; it also knows the
   model's context length and image processor. A backend that offers no method context (not our
   ``Engine``) is not counted: the checks are skipped, the engine's own limits apply.
-- :func:`check_context` is the context rule: prompt tokens (image tokens included) plus
-  ``max_tokens`` must fit the model's context (``max_position_embeddings`` of its text config),
-  as OpenAI's servers answer (400, ``context_length_exceeded``); a request that names no
-  ``max_tokens`` gets the default cut to the room left. Nothing in it is specific to the server.
+- :meth:`PromptCounter.fit` applies the engine's context rule (``Engine.check_context``: prompt
+  tokens, image tokens included, plus ``max_tokens`` within the model's context) before the
+  request is queued, so the client gets a 400 ``context_length_exceeded`` (as OpenAI's servers
+  answer) rather than an error from a running batch; a request that names no ``max_tokens``
+  gets the default cut to the room left. The engine checks again when the request starts.
 """
 
 from __future__ import annotations
@@ -38,31 +39,6 @@ from veridical.errors import InputError
 logger = logging.getLogger(__name__)
 
 ZERO_WIDTH_SPACE = "\u200b"
-
-
-class ContextError(InputError):
-    """A request does not fit the model's context; the message names the counts and the fix."""
-
-
-def check_context(prompt_tokens: int, image_tokens: int, max_tokens: int | None,
-                  default_max_tokens: int, context: int | None) -> int:
-    """The number of tokens a request may generate: ``max_tokens`` when the prompt and it fit
-    the model's ``context`` (``None``: unknown, unchecked), or without ``max_tokens`` the
-    default cut to the room the prompt leaves. Raises :class:`ContextError` otherwise."""
-    if context is None:
-        return max_tokens or default_max_tokens
-    what = (f"{prompt_tokens} prompt tokens"
-            + (f" ({image_tokens} of them for the image)" if image_tokens else ""))
-    if max_tokens is None:
-        if prompt_tokens >= context:
-            raise ContextError(f"this model's context is {context} tokens, and the prompt alone "
-                               f"has {what}; shorten the messages")
-        return min(default_max_tokens, context - prompt_tokens)
-    if prompt_tokens + max_tokens > context:
-        raise ContextError(f"this model's context is {context} tokens, but the request needs "
-                           f"{prompt_tokens + max_tokens}: {what} + max_tokens {max_tokens}; "
-                           "shorten the messages or lower max_tokens")
-    return max_tokens
 
 
 class SpecialTokens:
@@ -88,6 +64,7 @@ class PromptCounter:
         make = getattr(engine, "context", None)
         self.ctx = make() if callable(make) else None
         self.context_length: int | None = None  # the model's, None if unknown
+        self.check_context = getattr(engine, "check_context", None)  # the engine's rule
         self.image_processor: Any = None
         self.image_token_id: int | None = None
         self._lock = threading.Lock()
@@ -98,9 +75,7 @@ class PromptCounter:
         except Exception:  # not copyable: share the engine's (our lock still serialises ours)
             logger.warning("the processor cannot be copied; counting prompts with the engine's")
         config = self.ctx.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        length = getattr(text, "max_position_embeddings", None)
-        self.context_length = length if isinstance(length, int) and length > 0 else None
+        self.context_length = getattr(engine, "context_length", None)
         self.image_processor = getattr(self.ctx.processor, "image_processor", None)
         self.image_token_id = self.ctx.adapter.image_token_id(config)
 
@@ -114,3 +89,22 @@ class PromptCounter:
         ids = row["input_ids"]
         images = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
         return int(row["attention_mask"].sum()), images
+
+    def fit(self, prompt_tokens: int, image_tokens: int, max_tokens: int | None,
+            default_max_tokens: int, name: str = "max_tokens") -> int:
+        """The number of tokens a request may generate: ``max_tokens`` when the engine's
+        context check passes (module docstring), or without ``max_tokens`` the default cut to
+        the room the prompt leaves; an ``InputError`` naming the counts otherwise."""
+        context = self.context_length
+        if max_tokens is None:
+            if context is None:
+                return default_max_tokens
+            if prompt_tokens >= context:
+                of_image = f" ({image_tokens} of them for the image)" if image_tokens else ""
+                raise InputError(f"this model's context is {context} tokens, and the prompt "
+                                 f"alone has {prompt_tokens} tokens{of_image}; shorten the "
+                                 "messages")
+            return min(default_max_tokens, context - prompt_tokens)
+        if self.check_context is not None:
+            self.check_context(prompt_tokens, image_tokens, max_tokens, name)
+        return max_tokens

@@ -59,6 +59,7 @@ from veridical import (
     MAX_TOP_LOGPROBS,
     DecodingConfig,
     GenerationResult,
+    InputError,
     Request,
     TokenEvent,
     TokenLogprob,
@@ -71,7 +72,7 @@ from veridical import (
 from .batcher import Batcher, Job, QueueFull, ShuttingDown
 from .errors import ApiError, bad_request, clip, shorten
 from .media import decode_image, fetch_image_bytes
-from .prompt import ContextError, PromptCounter, SpecialTokens, check_context
+from .prompt import PromptCounter, SpecialTokens
 from .protocol import ChatCompletionRequest, ChatMessage, ImagePart, Mitigation
 from .settings import ServerSettings
 from .streaming import TextStream, logprob_entries
@@ -148,8 +149,8 @@ class ChatServing:
         system, text = self.special_tokens.neutralise(system), self.special_tokens.neutralise(text)
         limit = self.settings.max_tokens_limit
         asked = req.max_completion_tokens or req.max_tokens  # None: the default, cut to fit
+        name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         if asked is not None and asked > limit:
-            name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
             raise bad_request(f"{name}={asked} is above this server's limit of {limit}", name)
         stops = self._stops(req.stop)
         if req.top_logprobs is not None and not req.logprobs:
@@ -173,18 +174,19 @@ class ChatServing:
             image = await asyncio.to_thread(decode_image, raw, self.settings, image_param,
                                             self.counter.image_processor)
         max_tokens = await self._fit_context(image, text, system, asked,
-                                             min(self.settings.default_max_tokens, limit))
+                                             min(self.settings.default_max_tokens, limit), name)
         # Resolved here, not in the engine: a batch retried request by request replays it.
         seed = fresh_seed() if req.seed is None else req.seed
-        job = EngineJob(Request(image=image, prompt=text, system=system), seed, max_tokens,
-                        logprobs)
+        job = EngineJob(Request(image=image, prompt=text, system=system,
+                                max_new_tokens=max_tokens), seed, max_tokens, logprobs)
         return key, job, {"method": method, **args}
 
     async def _fit_context(self, image: Any, text: str, system: str | None, asked: int | None,
-                           default: int) -> int:
+                           default: int, name: str) -> int:
         """The request's max_tokens after counting its prompt (off the event loop): 400 when
         the prompt is over ``--max-prompt-tokens`` (the prefill one request may ask for) or the
-        prompt and max_tokens do not fit the model's context (``prompt.check_context``)."""
+        prompt and max_tokens do not fit the model's context (the engine's rule, see
+        ``PromptCounter.fit``)."""
         try:
             counted = await asyncio.to_thread(self.counter.count, image, text, system)
         except Exception as exc:
@@ -202,9 +204,8 @@ class ChatServing:
                               f"server's limit of {bound}; shorten the messages", "messages",
                               "context_length_exceeded")
         try:
-            return check_context(tokens, image_tokens, asked, default,
-                                 self.counter.context_length)
-        except ContextError as exc:
+            return self.counter.fit(tokens, image_tokens, asked, default, name)
+        except InputError as exc:
             raise bad_request(str(exc), "messages", "context_length_exceeded") from None
 
     def _conversation(self, messages: list[ChatMessage]

@@ -109,6 +109,7 @@ class VLLMEngine:
     generate = Engine.generate
     request = Engine.request
     run = Engine.run
+    check_context = Engine.check_context  # reads context_length below
 
     def __init__(self, llm: Any, processor: Any, adapter: Any, hf_config: Any, name: str,
                  eos_ids: list[int], in_process: bool) -> None:
@@ -131,6 +132,11 @@ class VLLMEngine:
     @property
     def multimodal(self) -> bool:
         return bool(self.adapter.multimodal)
+
+    @property
+    def context_length(self) -> int:
+        """vLLM's ``max_model_len``: prompt and new tokens together."""
+        return int(self.core.vllm_config.model_config.max_model_len)
 
     @property
     def device(self) -> torch.device:
