@@ -5,6 +5,10 @@ References:
   in well under a second; ``tiny-random:<arch>@<seed>`` picks the weights' seed.
 - ``builtin:<name>``: a model shipped inside the package (see ``BUILTIN_MODELS``).
 - a local Hugging Face model folder, or a hub id (works where the user has network or a cache).
+  Before asking the hub, ``load`` finds out in at most a few seconds whether it can: offline mode
+  (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``) or a hub that does not answer within
+  ``HUB_CHECK_S`` means the local cache only (``local_files_only``), so an unknown name fails at
+  once instead of after the hub client's retries.
 
 ``device`` is a torch device string, or ``"auto"`` to let accelerate place a model larger than
 one GPU (``device_map="auto"``). ``dtype`` is a torch dtype or its name ("bfloat16", ...).
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_MODELS = {"synthcoco-llava": BUILTIN_DIR / "synthcoco-llava"}
+HUB_CHECK_S = 3.0  # how long the hub may take to answer before only the cache is used
 
 
 def _dtype(dtype: Any) -> torch.dtype | None:
@@ -43,12 +50,32 @@ def _dtype(dtype: Any) -> torch.dtype | None:
     return value
 
 
+BACKENDS = ("transformers", "vllm")
+
+
 def load(ref: str, device: str | None = None, dtype: Any = None,
-         head_profile: str | os.PathLike | dict | None = None):
+         head_profile: str | os.PathLike | dict | None = None, backend: str = "transformers",
+         **vllm_args: Any):
     """Load ``ref`` (see the module docstring) and return an ``Engine`` with its
-    ``head_profile`` attached."""
+    ``head_profile`` attached; ``backend="vllm"`` returns the vLLM backend's engine instead
+    (``veridical.vllm``), with ``vllm_args`` passed to ``vllm.LLM``."""
     if not isinstance(ref, str) or not ref:
         raise InputError(f"model reference must be a non-empty string, got {ref!r}")
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        from .vllm.backend import load_vllm
+
+        if device not in (None, "cuda", "cpu") or head_profile is not None:
+            raise InputError("backend='vllm' places the model itself and reads no head profile; "
+                             "leave device and head_profile unset (pass vLLM's own arguments, "
+                             "e.g. tensor_parallel_size=2)")
+        if dtype is not None:
+            vllm_args.setdefault("dtype", str(dtype).removeprefix("torch."))
+        return load_vllm(ref, **vllm_args)
+    if vllm_args:
+        raise InputError(f"{', '.join(vllm_args)}: unknown argument(s) of load; vLLM's engine "
+                         "arguments need backend='vllm'")
     engine, folder = _load_engine(ref, device, _dtype(dtype))
     engine.head_profile = _head_profile(engine, head_profile, folder)
     return engine
@@ -114,15 +141,27 @@ def _load_pretrained(ref: str, device: str | None, dtype: torch.dtype | None, en
         raise InputError(
             f"{ref!r} is a folder without config.json; point at a Hugging Face model folder"
         )
+    if not local.exists() and (ref.startswith((".", "/", "~")) or ref.count("/") > 1):
+        raise InputError(f"model folder {ref!r} does not exist; give a model folder, a hub id "
+                         "(org/name), builtin:<name> or tiny-random:<arch>")
+    no_hub = None if local.exists() else hub_unavailable()  # why only the cache can serve
+    hub = {"local_files_only": True} if no_hub else {}
     try:
-        config = AutoConfig.from_pretrained(ref)
+        config = AutoConfig.from_pretrained(ref, **hub)
     except OSError as exc:
+        if no_hub:
+            raise InputError(
+                f"cannot load model {ref!r}: it is not a local model folder, and not in the "
+                f"Hugging Face cache while {no_hub}. Use a local folder, builtin:<name> or "
+                "tiny-random:<arch>, or download the model where the hub is reachable") from None
         raise InputError(
             f"cannot load model {ref!r}: it is neither a local model folder nor a reachable hub id "
             f"({exc.__class__.__name__}). Use a local folder, builtin:<name> or tiny-random:<arch>"
         ) from None
     adapter = adapter_for(config)
-    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    kwargs: dict[str, Any] = dict(hub)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     if device == "auto":
         kwargs["device_map"] = "auto"
     auto = AutoModelForImageTextToText if adapter.multimodal else AutoModelForCausalLM
@@ -144,11 +183,32 @@ def _load_pretrained(ref: str, device: str | None, dtype: torch.dtype | None, en
     elif adapter.multimodal:
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(ref)
+        processor = AutoProcessor.from_pretrained(ref, **hub)
     else:
         from transformers import AutoTokenizer
 
-        processor = AutoTokenizer.from_pretrained(ref)
+        processor = AutoTokenizer.from_pretrained(ref, **hub)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     return engine_cls(model, processor, adapter, name=ref)
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face hub cannot be asked (offline mode, or no answer within
+    ``HUB_CHECK_S``), or None when it answers."""
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{name}={os.environ[name]} (offline mode)"
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set (offline mode)"
+    try:  # any HTTP answer, even an error status, means the hub is reachable
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                               timeout=HUB_CHECK_S).close()
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as exc:  # URLError, timeout, refused, no DNS
+        reason = getattr(exc, "reason", None) or exc
+        return f"the hub ({constants.ENDPOINT}) cannot be reached ({reason})"
+    return None
