@@ -9,18 +9,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from veridical.cli import add_decoding_args, parse_sets
+from veridical.cli import add_backend_args, add_decoding_args, parse_sets, vllm_kwargs
 from veridical.evaluation import evaluate
 
-from .runner import BENCHMARKS, CHAIR_PROMPT, POPE_SUFFIX, EvalConfig, compare
+from .compare import compare
+from .runner import BENCHMARKS, CHAIR_PROMPT, POPE_SUFFIX, EvalConfig
 
-CONFIG_FIELDS = [f for f in EvalConfig.__dataclass_fields__ if f != "method_args"]
+CONFIG_FIELDS = [f for f in EvalConfig.__dataclass_fields__ if f not in ("method_args", "vllm_args")]
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """The run a parsed ``veridical eval <benchmark>`` asks for."""
     given = {f: getattr(args, f) for f in CONFIG_FIELDS if hasattr(args, f)}
-    return EvalConfig(**given, method_args=parse_sets(args.sets))
+    return EvalConfig(**given, method_args=parse_sets(args.sets), vllm_args=vllm_kwargs(args))
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -41,6 +42,7 @@ def add_subcommands(subparsers: Any) -> None:
                             "all); default: every item")
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--device", default=None)
+        add_backend_args(p)
         p.add_argument("--skip-bad-lines", action="store_true",
                        help="skip (and count) malformed data lines instead of stopping")
         add_decoding_args(p, seed_help="run seed: each item's seed derives from it and the "
@@ -62,9 +64,15 @@ def add_subcommands(subparsers: Any) -> None:
                            help="singular forms: pattern (default, the reference's), "
                                 "wordnet-noun (OPERA's), inflect")
         p.set_defaults(func=lambda a: evaluate(None, config_from_args(a)) is not None and 0)
-    cmp_ = sub.add_parser("compare", help="one table across result folders, and a bar chart")
-    cmp_.add_argument("dirs", nargs="+")
-    cmp_.add_argument("--png", default="compare.png", help="bar chart path ('' for none)")
+    cmp_ = sub.add_parser("compare", help="result folders side by side: per benchmark, a "
+                          "table with bootstrap intervals and a bar chart")
+    cmp_.add_argument("dirs", nargs="+", help="folders written by veridical eval (any mix of "
+                      "benchmarks: one section each)")
+    cmp_.add_argument("--png", default="compare.png", metavar="PATH",
+                      help="where the bar chart is written (default: %(default)s in the current "
+                           "folder; with several benchmarks one chart each, named like "
+                           "compare-pope.png; '' for none)")
     cmp_.add_argument("--bootstrap", type=int, default=1000, metavar="N",
-                      help="bootstrap draws for 95%% CIs and paired differences (0 = none)")
+                      help="bootstrap draws for 95%% CIs over images and paired differences to "
+                           "each benchmark's first run (default: %(default)s; 0 = none)")
     cmp_.set_defaults(func=lambda a: print(compare(a.dirs, a.png or None, a.bootstrap)) or 0)

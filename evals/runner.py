@@ -89,6 +89,8 @@ class EvalConfig:
     limit: int | None = None  # items per split (POPE) / subtask (MME) / in all (CHAIR)
     batch_size: int = 8
     device: str | None = None
+    backend: str = "transformers"  # or "vllm" (veridical.load's backend)
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine arguments
     skip_bad_lines: bool = False
     method: str = "none"
     method_args: dict[str, Any] = field(default_factory=dict)
@@ -408,7 +410,9 @@ def evaluate(engine: Any, args: EvalConfig, quiet: bool = False) -> dict[str, An
     device = args.device
     if device is None and state is not None and state.device.type != "cpu":
         device = str(state.device)  # one GPU per process
-    if engine is None:
+    if engine is None and args.backend == "vllm":
+        engine = veridical.load(args.model, backend="vllm", **args.vllm_args)
+    elif engine is None:
         engine = veridical.load(args.model, device=device)
     kwargs = {"method": args.method, "method_args": dict(args.method_args),
               "max_new_tokens": bench.max_new_tokens, "do_sample": args.do_sample,
@@ -431,6 +435,7 @@ def evaluate(engine: Any, args: EvalConfig, quiet: bool = False) -> dict[str, An
         "run": {**settings, "data": bench.data, "batch_size": args.batch_size, "processes": world,
                 "items": len(samples), "skipped_items": skipped, "versions": versions(), "git_commit": git_commit(),
                 "device": str(engine.device),
+                "backend": getattr(engine, "backend", "transformers"),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -558,77 +563,6 @@ def markdown_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def compare(dirs: Sequence[str], png: str | None, draws: int = 0) -> str:
-    """A markdown table across result folders; with ``draws`` > 0 also bootstrap 95% CIs and
-    paired differences to the first folder (``veridical.evals.stats``)."""
-    rows = []
-    for d in dirs:
-        path = Path(d) / "results.json"
-        if not path.is_file():
-            raise InputError(f"{path} does not exist; pass folders written by `veridical eval`")
-        rows.append((Path(d).name, json.loads(path.read_text())))
-    table = markdown_table(rows)
-    if draws:
-        table += "\n\n" + ci_table(dirs, rows, draws)
-    if png:
-        _bar_chart(rows, Path(png))
-    return table
-
-
-def ci_table(dirs: Sequence[str], rows: list[tuple[str, dict[str, Any]]], draws: int) -> str:
-    """Value [95% CI] per metric, and the paired difference to the first run [95% CI]."""
-    from . import stats
-
-    kinds = {res["run"]["benchmark"] for _, res in rows}
-    if len(kinds) != 1:
-        raise InputError(f"bootstrap needs runs of one benchmark, got {sorted(kinds)}")
-    kind = kinds.pop()
-    if kind == "pope":
-        groups = [(f"{split} ", lambda d, s=split: stats.pope_counts(read_samples(d), s))
-                  for split in rows[0][1]["metrics"]["per_split"]]
-        metrics, keys = stats.pope_metrics, ("accuracy", "f1", "yes_ratio")
-    elif kind == "chair":
-        groups = [("", lambda d: stats.chair_counts(
-            json.loads((Path(d) / "results.json").read_text())["metrics"]["per_caption"]))]
-        metrics, keys = stats.chair_metrics, ("chair_s", "chair_i", "recall")
-    else:
-        raise InputError("bootstrap intervals are computed for POPE and CHAIR runs")
-    header = ["run"] + [f"{g}{k}" for g, _ in groups for k in keys]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    cells: list[list[str]] = [[name] for name, _ in rows]
-    for _, load in groups:
-        result = stats.bootstrap([load(d) for d in dirs], metrics, draws)
-        for i, row in enumerate(result):
-            for k in keys:
-                e = row[k]
-                text = f"{e['value']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
-                if "diff" in e:
-                    text += f" Δ {e['diff']:+.3f} [{e['diff_ci'][0]:+.3f}, {e['diff_ci'][1]:+.3f}]"
-                cells[i].append(text)
-    lines += ["| " + " | ".join(c) + " |" for c in cells]
-    return "\n".join(lines)
-
-
 def read_samples(folder: str | Path) -> list[dict]:
     """The samples of a run folder (a line cut by a crash is left out)."""
     return list(SampleLog(Path(folder) / "samples.jsonl").done.values())
-
-
-def _bar_chart(rows: list[tuple[str, dict[str, Any]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in headline(rows[0][1]) if k != "length"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys) * len(rows) / 2), 4))
-    width = 0.8 / len(rows)
-    for n, (name, res) in enumerate(rows):
-        values = [headline(res).get(k) or 0.0 for k in keys]
-        ax.bar([i + n * width for i in range(len(keys))], values, width, label=name)
-    ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(keys))], keys)
-    ax.legend()
-    ax.set_title("veridical eval compare")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

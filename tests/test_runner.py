@@ -128,8 +128,42 @@ def test_compare_writes_table_and_chart(world, tmp_path, capsys):
     assert run_eval("compare", str(a), str(b), "--png", str(png)) == 0
     table = capsys.readouterr().out
     assert "| a | pope | none |" in table and "| b | pope | none |" in table
-    assert png.stat().st_size > 1000
+    assert png.stat().st_size > 1000 and f"chart: {png}" in table
     assert "Δ +0.000 [+0.000, +0.000]" in table  # same model and data: paired difference 0
+
+
+def test_compare_splits_runs_by_benchmark(world, tmp_path, capsys, monkeypatch):
+    pope_run, chair_run = tmp_path / "p", tmp_path / "c"
+    assert run_eval(*POPE, "--data", str(world), "--limit", "4", "--output", str(pope_run)) == 0
+    assert run_eval("chair", "--model", "tiny-random:llava", "--data", str(world),
+                    "--num-images", "4", "--max-new-tokens", "4", "--output",
+                    str(chair_run)) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # the default --png is compare.png here
+    assert run_eval("compare", str(pope_run), str(chair_run), str(pope_run)) == 0
+    out = capsys.readouterr().out
+    pope_part, chair_part = out.split("## CHAIR")
+    assert pope_part.startswith("## POPE") and "chair_s" not in pope_part
+    assert "| p | pope | none |" in pope_part and "| c |" not in pope_part
+    assert "| run | benchmark | method | chair_s | chair_i | recall | length |" in chair_part
+    assert "adversarial f1" in pope_part and "chair_i" in chair_part  # the intervals
+    for kind in ("pope", "chair"):
+        chart = tmp_path / f"compare-{kind}.png"
+        assert chart.stat().st_size > 1000 and f"chart: {chart}" in out
+    assert not (tmp_path / "compare.png").exists()
+    # runs of one benchmark on other images: the intervals cannot pair them
+    other = tmp_path / "p12"  # 6 questions per image: 2 images, where p has 1
+    assert run_eval(*POPE, "--data", str(world), "--limit", "12", "--output", str(other)) == 0
+    with pytest.raises(InputError, match="cover different images.*--bootstrap 0"):
+        run_eval_raise("compare", str(pope_run), str(other), "--png", "")
+    assert run_eval("compare", str(pope_run), str(other), "--bootstrap", "0", "--png", "") == 0
+
+
+def test_compare_help_says_where_the_chart_goes(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "compare", "--help"])
+    assert "default: compare.png in the current folder" in " ".join(
+        capsys.readouterr().out.split())
 
 
 def test_bad_data_errors(world, tmp_path, capsys):
@@ -233,3 +267,14 @@ def test_an_ambiguous_parameter_names_every_qualified_form():
 
     with pytest.raises(ValueError, match=r"qualify it: vhr\.alpha or vcd\.alpha"):
         resolve("vhr+vcd", {"alpha": -2})
+
+
+def test_an_eval_run_past_the_model_s_context_is_refused_before_any_item(world, tmp_path):
+    import veridical
+
+    out = tmp_path / "long"
+    with pytest.raises(InputError, match="context is 512 tokens.*lower max_new_tokens"):
+        veridical.evaluate(veridical.load("tiny-random:llava"), veridical.EvalConfig(
+            "pope", model="tiny-random:llava", data=str(world), output=str(out), limit=2,
+            max_new_tokens=600))
+    assert not (out / "samples.jsonl").exists() or not samples(out)
