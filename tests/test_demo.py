@@ -36,3 +36,17 @@ def test_demo_compares_opera_with_beam_search(tmp_path, monkeypatch):
     assert record["run"]["decoding"]["num_beams"] == 5 and record["run"]["method"] == "none"
     chair_i = demo["intervals"]["opera_fast"]["chair_i"]
     assert "diff_beam_ci" in chair_i and "diff_beam" not in demo["intervals"]["beam5"]["chair_i"]
+    # the searches answer the first fifth of each POPE split, paired with none on those
+    for name, items in (("none", 8), ("beam5", 2), ("opera_fast", 2)):
+        record = json.loads((out / name / "pope-random" / "results.json").read_text())
+        assert record["run"]["items"] == items
+    assert demo["search_pope_questions"] == 2
+    assert "diff_ci" in demo["intervals"]["opera_fast"]["random_f1"]
+
+
+def test_the_searches_answer_a_fifth_of_pope():
+    from veridical.demo import is_search, search_questions
+
+    assert [search_questions(n) for n in (300, 1000, 8, 1)] == [60, 200, 2, 1]
+    assert [is_search(n) for n in ("beam5", "opera", "opera_fast", "none", "vcd")] == [
+        True, True, True, False, False]
