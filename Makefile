@@ -33,7 +33,8 @@ $(VLLM_VENV)/.installed: scripts/build-vllm-venv.sh
 	scripts/build-vllm-venv.sh $(VLLM_VENV)
 
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q -m "" tests/test_vllm_backend.py tests/test_vllm_pressure.py
+	$(VLLM_VENV)/bin/python -m pytest -q -m "" tests/test_vllm_backend.py tests/test_vllm_pressure.py \
+		tests/test_readme.py -k vllm
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

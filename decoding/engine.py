@@ -256,24 +256,14 @@ class Engine:
         return self.context().collate(rows)
 
 
-class TokenStream:
-    """The events of one decoding call (``Engine.stream``); iterate it once. ``cancel(i)``
-    ends request ``i`` at its current token."""
+class EventStream:
+    """The events of one decoding call; iterate it once. ``cancel(i)`` ends request ``i`` at
+    its current token; ``close()`` stops early. ``events(cancelled)`` makes the events' iterator,
+    reading the set of cancelled requests as it goes (any backend's decoding loop)."""
 
-    def __init__(self, engine: Engine, requests: list[Request], method: Method,
-                 config: DecodingConfig, seeds: list[int | None],
-                 admit: AdmitCallback | None = None) -> None:
-        custom = method.search()
-        if config.logprobs is not None and custom is not None:
-            raise InputError(f"logprobs are not available with {method.name!r}: its search "
-                             "chooses whole sequences; leave logprobs unset")
-        if config.ignore_eos and custom is not None:
-            raise InputError(f"ignore_eos is not available with {method.name!r}: its search "
-                             "ends beams at EOS; leave ignore_eos unset")
+    def __init__(self, events: Callable[[set[int]], Iterator[Event]]) -> None:
         self.cancelled: set[int] = set()
-        self._events = _events(engine, requests, method, config,
-                               [fresh_seed() if s is None else s for s in seeds], admit,
-                               self.cancelled)
+        self._events = events(self.cancelled)
 
     def __iter__(self) -> Iterator[Event]:
         return self._events
@@ -287,6 +277,24 @@ class TokenStream:
     def close(self) -> None:
         """Stop early: the method's hooks are removed at once."""
         self._events.close()
+
+
+class TokenStream(EventStream):
+    """``Engine.stream``'s events (see :class:`EventStream`)."""
+
+    def __init__(self, engine: Engine, requests: list[Request], method: Method,
+                 config: DecodingConfig, seeds: list[int | None],
+                 admit: AdmitCallback | None = None) -> None:
+        custom = method.search()
+        if config.logprobs is not None and custom is not None:
+            raise InputError(f"logprobs are not available with {method.name!r}: its search "
+                             "chooses whole sequences; leave logprobs unset")
+        if config.ignore_eos and custom is not None:
+            raise InputError(f"ignore_eos is not available with {method.name!r}: its search "
+                             "ends beams at EOS; leave ignore_eos unset")
+        given = [fresh_seed() if s is None else s for s in seeds]
+        super().__init__(lambda cancelled: _events(engine, requests, method, config, given,
+                                                   admit, cancelled))
 
 
 def _events(engine: Engine, requests: list[Request], method: Method, config: DecodingConfig,

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from veridical.decoding.config import DecodingConfig, DoneEvent, Event, GenerationResult, TokenEvent
-from veridical.decoding.engine import Engine
+from veridical.decoding.engine import Engine, EventStream
 from veridical.decoding.inputs import chat_text
 from veridical.decoding.method import Method, Request
 from veridical.decoding.seeds import branch_key, derive_seed, fresh_seed
@@ -146,7 +146,7 @@ class VLLMEngine:
         return unsupported_reason(method)
 
     def stream(self, requests: list[Request], method: Method, config: DecodingConfig,
-               seeds: list[int | None], admit: Any = None) -> VLLMStream:
+               seeds: list[int | None], admit: Any = None) -> EventStream:
         reason = self.unsupported(method)
         if reason is not None:
             raise InputError(reason)
@@ -157,8 +157,9 @@ class VLLMEngine:
         if config.logprobs is not None and not self.in_process:
             raise InputError("logprobs of the combined scores need vLLM's engine in this "
                              "process; with tensor or pipeline parallelism leave logprobs unset")
-        return VLLMStream(self, requests, method, config,
-                          [fresh_seed() if s is None else s for s in seeds], admit)
+        given = [fresh_seed() if s is None else s for s in seeds]
+        return EventStream(lambda cancelled: _events(self, requests, method, config, given,
+                                                     admit, cancelled))
 
     # Building the members of a group --------------------------------------------------------------
     def prompts(self, request: Request, method: Method, seed: int) -> list[dict]:
@@ -228,27 +229,6 @@ def _own_args(method: Method, part_name: str) -> dict:
         return dict(method.args)
     part = next(p for p in method.parts if p.name == part_name)
     return dict(part.args)
-
-
-class VLLMStream:
-    """The events of one call on the vLLM backend (``VLLMEngine.stream``); ``cancel(i)``."""
-
-    def __init__(self, engine: VLLMEngine, requests: list[Request], method: Method,
-                 config: DecodingConfig, seeds: list[int], admit: Any) -> None:
-        self.cancelled: set[int] = set()
-        self._events = _events(engine, requests, method, config, seeds, admit, self.cancelled)
-
-    def __iter__(self) -> Iterator[Event]:
-        return self._events
-
-    def __next__(self) -> Event:
-        return next(self._events)
-
-    def cancel(self, request: int) -> None:
-        self.cancelled.add(request)
-
-    def close(self) -> None:
-        self._events.close()
 
 
 def _events(engine: VLLMEngine, requests: list[Request], method: Method, config: DecodingConfig,
