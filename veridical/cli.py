@@ -286,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="results folder (rerun to resume; default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a few items only (for CI)")
     demo.add_argument("--methods", default=None, help="comma list (default: all applicable)")
-    demo.add_argument("--pope-questions", type=int, default=300, help="per POPE split")
-    demo.add_argument("--chair-images", type=int, default=80)
+    demo.add_argument("--pope-questions", type=int, default=200,
+                      help="questions per POPE split (default: 200; the searches answer a fifth)")
+    demo.add_argument("--chair-images", type=int, default=60,
+                      help="CHAIR images to caption (default: 60)")
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--bootstrap", type=int, default=1000,
                       help="bootstrap draws for the interval table (0 = none)")

@@ -121,7 +121,7 @@ def markdown(ci: dict[str, dict]) -> str:
 
 
 def run_demo(model: str | None = None, output: str = "runs/demo", quick: bool = False,
-             pope_questions: int = 300, chair_images: int = 80, batch_size: int = 32,
+             pope_questions: int = 200, chair_images: int = 60, batch_size: int = 32,
              methods: list[str] | None = None, draws: int = 1000) -> list[dict]:
     import veridical
 
