@@ -2,7 +2,7 @@
 
 - no module uses another module's underscore names (imports or attribute accesses; the few
   third-party private attributes we must touch are listed, each with its one home);
-- folder rules: ``kernels/`` imports nothing of ours; ``decoding/`` imports neither the
+- folder rules: ``fused/`` (``veridical.kernels``) imports nothing of ours; ``decoding/`` imports neither the
   evaluation suite, the world, the server nor the CLI; ``heads/`` never imports ``evals/``;
   ``evals/`` and the server reach the engine only through the public API (``veridical``);
 - no import cycles between folders.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"veridical": "veridical", "decoding": "veridical.decoding", "heads": "veridical.heads",
-            "kernels": "veridical.kernels", "evals": "veridical.evals", "world": "veridical.world"}
+            "fused": "veridical.kernels", "evals": "veridical.evals", "world": "veridical.world"}
 # The top layer: command-line modules and the glue that wires the parts together; they may
 # import anything, and only other top-layer modules import them.
 APP_NAMES = {"cli", "score_cli", "bench", "demo", "__main__"}
