@@ -92,8 +92,7 @@ class Engine:
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         gen = getattr(model, "generation_config", None)
-        eos = [getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id]
-        self.eos_ids = sorted({i for e in eos if e is not None for i in _as_list(e)})
+        self.eos_ids = eos_token_ids(gen, self.tokenizer)
         pad = getattr(gen, "pad_token_id", None)
         self.pad_id = pad if pad is not None else self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -430,6 +429,13 @@ def request_limit(request: Request, config: DecodingConfig, whole_batch: bool, i
         raise InputError(f"request {index}: max_new_tokens={own!r} is invalid; give an integer "
                          ">= 1, or None for the call's limit")
     return config.max_new_tokens if whole_batch else min(own, config.max_new_tokens)
+
+
+def eos_token_ids(generation_config: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a sequence: the generation config's ``eos_token_id`` (one or a list;
+    the config may be None) and the tokenizer's, sorted, without repeats."""
+    eos = [getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id]
+    return sorted({int(i) for e in eos if e is not None for i in _as_list(e)})
 
 
 def _as_list(x: Any) -> list[int]:

@@ -119,12 +119,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     import veridical
 
-    from .vllm.backend import unsupported_reason
+    from .vllm.backend import vllm_methods
 
     listing = veridical.methods()
+    on_vllm = set(vllm_methods())
     for m in listing:
-        vllm = unsupported_reason(veridical.resolve(m["name"])) is None
-        m["backends"] = ["transformers", "vllm"] if vllm else ["transformers"]
+        m["backends"] = ["transformers", "vllm"] if m["name"] in on_vllm else ["transformers"]
     if args.backend is not None:
         listing = [m for m in listing if args.backend in m["backends"]]
     if args.json:

@@ -94,6 +94,19 @@ def _head_profile(engine, given: str | os.PathLike | dict | None, folder: Path |
         raise InputError(f"head_profile: {exc}") from None
 
 
+def builtin_path(ref: str) -> Path:
+    """The folder of the shipped model ``builtin:<name>``, or an ``InputError`` listing them."""
+    name = ref.removeprefix("builtin:")
+    path = BUILTIN_MODELS.get(name)
+    if path is None or not path.is_dir():
+        available = [n for n, p in BUILTIN_MODELS.items() if p.is_dir()]
+        raise InputError(
+            f"built-in model {name!r} is not shipped in this installation; available: "
+            f"{', '.join(available) or 'none yet'} (or use tiny-random:<arch>)"
+        )
+    return path
+
+
 def _load_engine(ref: str, device: str | None, torch_dtype: torch.dtype | None):
     """``(engine, the model's folder or None)``."""
     from veridical.decoding.engine import Engine
@@ -116,14 +129,7 @@ def _load_engine(ref: str, device: str | None, torch_dtype: torch.dtype | None):
             model = model.to(device)
         return Engine(model, processor, adapter_for(model.config), name=ref), None
     if ref.startswith("builtin:"):
-        name = ref.removeprefix("builtin:")
-        path = BUILTIN_MODELS.get(name)
-        if path is None or not path.is_dir():
-            available = [n for n, p in BUILTIN_MODELS.items() if p.is_dir()]
-            raise InputError(
-                f"built-in model {name!r} is not shipped in this installation; available: "
-                f"{', '.join(available) or 'none yet'} (or use tiny-random:<arch>)"
-            )
+        path = builtin_path(ref)
         engine = _load_pretrained(str(path), device, torch_dtype, Engine)
         engine.name = ref  # messages and profiles name it as the user did
         return engine, path

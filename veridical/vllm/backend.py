@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from veridical.decoding.config import DecodingConfig, DoneEvent, Event, GenerationResult, TokenEvent
-from veridical.decoding.engine import Engine, EventStream
+from veridical.decoding.engine import Engine, EventStream, eos_token_ids
 from veridical.decoding.inputs import chat_text
 from veridical.decoding.method import Method, Request
 from veridical.decoding.seeds import branch_key, derive_seed, fresh_seed
@@ -55,15 +55,11 @@ logger = logging.getLogger(__name__)
 MAX_REGROUPS = 64  # resubmissions of one group before it fails loudly
 COMBINER = "veridical.vllm.combine:Combiner"
 CPU_KV_CACHE_BYTES = 1 << 30  # vLLM on CPU takes most of the RAM for its cache unless told
-# Methods that run on vLLM: only branches and a logits combination.
-VLLM_METHODS = ("none", "vcd", "icd", "m3id", "ritual", "pai_cfg")
-
-
-def unsupported_reason(method: Method) -> str | None:
-    """None when vLLM runs ``method``; else a one-line reason naming the backend that does."""
-    parts = getattr(method, "parts", None) or [method]
+def blocked_parts(method: Method) -> list[str]:
+    """The parts of ``method`` vLLM cannot run, each with why: it runs only methods made of
+    branches and a logits combination."""
     blocked = []
-    for part in parts:
+    for part in getattr(method, "parts", None) or [method]:
         kind = type(part)
         if kind.search is not Method.search:
             blocked.append(f"{part.name} (a search strategy)")
@@ -71,11 +67,24 @@ def unsupported_reason(method: Method) -> str | None:
             blocked.append(f"{part.name} (attention edits)")
         elif kind.install is not Method.install or kind.prepare is not Method.prepare:
             blocked.append(f"{part.name} (forward hooks)")
+    return blocked
+
+
+def vllm_methods() -> list[str]:
+    """The registered methods vLLM runs (their '+' compositions run too)."""
+    from veridical.decoding.registry import registered, resolve
+
+    return sorted(name for name in registered() if not blocked_parts(resolve(name)))
+
+
+def unsupported_reason(method: Method) -> str | None:
+    """None when vLLM runs ``method``; else a one-line reason naming the backend that does."""
+    blocked = blocked_parts(method)
     if not blocked:
         return None
     return (f"method {method.name!r} cannot run on the vLLM backend: {', '.join(blocked)}; "
             "load the model without backend='vllm' (veridical's own engine runs every method); "
-            f"vLLM runs {', '.join(VLLM_METHODS)} and their '+' compositions")
+            f"vLLM runs {', '.join(vllm_methods())} and their '+' compositions")
 
 
 @dataclass
@@ -86,7 +95,7 @@ class _Member:
     prompt_ids: list[int] | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (the waiting queue's membership and removal)
 class _Group:
     index: int  # the veridical request's index
     seed: int
@@ -279,8 +288,6 @@ def _events(engine: VLLMEngine, requests: list[Request], method: Method, config:
 
     def start(request: Request, seed: int) -> None:
         index = next(count)
-        if index >= len(seeds):
-            seeds.append(seed)
         group = _Group(index, seed, engine.prompts(request, method, seed))
         group.need = engine.need(group.prompts, config.max_new_tokens)
         budget = core.vllm_config.scheduler_config.max_num_batched_tokens
@@ -289,10 +296,11 @@ def _events(engine: VLLMEngine, requests: list[Request], method: Method, config:
                 f"request {index}: a prompt of {group.need[2]} tokens does not fit vLLM's "
                 f"per-step token budget ({budget}): its group's {size} requests could not be "
                 "prefilled together; raise max_num_batched_tokens")
-        if group.need[1] > engine.capacity()[1]:
+        cache = engine.capacity()[1]
+        if group.need[1] > cache:
             raise InputError(
                 f"request {index}: its {size} vLLM requests need {group.need[1]} tokens of KV "
-                f"cache together, and the cache holds {engine.capacity()[1]}; lower "
+                f"cache together, and the cache holds {cache}; lower "
                 "max_new_tokens or give vLLM a larger KV cache (e.g. kv_cache_memory_bytes)")
         live[index] = group
         waiting.append(group)
@@ -364,11 +372,11 @@ def _events(engine: VLLMEngine, requests: list[Request], method: Method, config:
             for group in touched.values():
                 counts = [len(m.tokens) for m in group.members]
                 common = min(counts)
-                firsts = {tuple(m.tokens[:common]) for m in group.members}
-                if len(firsts) != 1:
+                seen = len(group.tokens) - group.offset  # this submission's tokens checked before
+                if len({tuple(m.tokens[seen:common]) for m in group.members}) != 1:
                     raise RuntimeError(f"request {group.index}: the members of its vLLM group "
                                        "emitted different tokens; this is a bug in veridical")
-                new = group.members[0].tokens[len(group.tokens) - group.offset:common]
+                new = group.members[0].tokens[seen:common]
                 side = combine.SIDE.get(group.key, {})
                 done = None
                 for token in new:
@@ -413,7 +421,7 @@ def load_vllm(ref: str, **vllm_args: Any) -> VLLMEngine:
     from transformers import AutoConfig, GenerationConfig
 
     from veridical.adapters import adapter_for
-    from veridical.loading import BUILTIN_MODELS
+    from veridical.loading import builtin_path
     from veridical.processing import load_processor
 
     from .convert import vllm_folder
@@ -425,11 +433,7 @@ def load_vllm(ref: str, **vllm_args: Any) -> VLLMEngine:
             "head_dim=32) and load the folder")
     name = ref
     if ref.startswith("builtin:"):
-        path = BUILTIN_MODELS.get(ref.removeprefix("builtin:"))
-        if path is None:
-            raise InputError(f"unknown built-in model {ref!r}; available: "
-                             + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
-        ref = str(path)
+        ref = str(builtin_path(ref))
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -464,22 +468,11 @@ def load_vllm(ref: str, **vllm_args: Any) -> VLLMEngine:
 
     llm = LLM(model=source, **args)
     processor = load_processor(source)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    eos = set()
     try:
         gen = GenerationConfig.from_pretrained(source)
-        eos |= {int(e) for e in _as_list(gen.eos_token_id)}
-    except OSError:
-        pass
-    if tokenizer.eos_token_id is not None:
-        eos.add(int(tokenizer.eos_token_id))
+    except OSError:  # a folder without generation_config.json
+        gen = None
+    eos = eos_token_ids(gen, getattr(processor, "tokenizer", processor))
     in_process = parallel == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
-    return VLLMEngine(llm, processor, adapter_for(hf_config), hf_config, name, sorted(eos),
-                      in_process)
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    return VLLMEngine(llm, processor, adapter_for(hf_config), hf_config, name, eos, in_process)
 

@@ -25,7 +25,7 @@ Logprobs of the combined scores (vLLM's own are computed before logits processor
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -145,8 +145,7 @@ class Combiner(LogitsProcessor):
             entries = token_logprobs(scores, chosen, max(k or 0 for k in wanted))
             for tag, k, entry in zip(tags, wanted, entries):
                 if k is not None:
-                    SIDE[tag["group"]][step] = type(entry)(entry.token_id, entry.logprob,
-                                                           entry.top[:k])
+                    SIDE[tag["group"]][step] = replace(entry, top=entry.top[:k])
         flat = index.reshape(-1)
         logits[flat] = float("-inf")
         logits[flat, chosen.to(logits.device).repeat(index.shape[0])] = 0.0
