@@ -27,6 +27,9 @@ def test_generate_prints_text(tmp_path, images, capsys):
         (["--prompt", "x", "--set", "alpha"], "must look like key=value"),
         (["--prompt", "x", "--set", "alpha=1"], "has no parameter 'alpha'"),
         (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens=0 is invalid"),
+        (["--prompt", "x", "--vllm-arg", "max_num_seqs=4"], "--vllm-arg needs --backend vllm"),
+        (["--prompt", "x", "--backend", "vllm", "--vllm-arg", "oops"], "must look like KEY=VALUE"),
+        (["--prompt", "x", "--backend", "vllm"], "16-wide attention heads"),
     ],
 )
 def test_errors_are_one_line(argv, message, capsys):
@@ -40,6 +43,29 @@ def test_methods_json(capsys):
     assert main(["methods", "--json"]) == 0
     names = [m["name"] for m in json.loads(capsys.readouterr().out)]
     assert "none" in names
+
+
+def test_methods_say_which_backend_runs_them(capsys):
+    assert main(["methods", "--json", "--backend", "vllm"]) == 0
+    on_vllm = {m["name"] for m in json.loads(capsys.readouterr().out)}
+    assert on_vllm == {"none", "vcd", "icd", "m3id", "ritual", "pai_cfg"}
+
+
+def test_bad_backend_arguments_get_clear_errors():
+    import veridical
+    from veridical.errors import InputError
+    from veridical.server import ServerSettings
+
+    with pytest.raises(InputError, match="backend='tpu' is not one of transformers, vllm"):
+        veridical.load("tiny-random:llava", backend="tpu")
+    with pytest.raises(InputError, match="max_num_seqs: unknown argument.*need backend='vllm'"):
+        veridical.load("tiny-random:llava", max_num_seqs=4)
+    with pytest.raises(ValueError, match="is not JSON"):
+        ServerSettings(model="m", backend="vllm", vllm_args="{oops")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        ServerSettings(model="m", backend="vllm", vllm_args="[1]")
+    with pytest.raises(ValueError, match="--vllm-args needs --backend vllm"):
+        ServerSettings(model="m", vllm_args="{}").engine_args()
 
 
 def test_bench_engine_reports_both_sides(capsys):
